@@ -1,0 +1,104 @@
+//! The crate's one error type.
+
+use tch::{Device, Kind, TchError};
+
+/// Everything that can go wrong when a loss is given bad input.
+///
+/// Each variant names the culprit: the tensor, its shape or the offending value, so that a
+/// message read in a training log points straight at the line of code that built the batch.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum RefaError {
+    /// A tensor's shape does not match what the batch expects.
+    #[error("tensor `{tensor}` has shape {actual:?}, expected {expected}")]
+    ShapeMismatch {
+        /// The argument name, e.g. `"lengths"`.
+        tensor: &'static str,
+        /// The shape it has.
+        actual: Vec<i64>,
+        /// The shape it should have, in words, e.g. `"[P, K] = [2, 4] like `logp_sum`"`.
+        expected: String,
+    },
+
+    /// A tensor has the wrong element type.
+    #[error("tensor `{tensor}` has kind {actual:?}, expected {expected}")]
+    WrongKind {
+        /// The argument name.
+        tensor: &'static str,
+        /// The kind it has.
+        actual: Kind,
+        /// What it should be, e.g. `"a floating-point kind (f32, f64, bf16 or f16)"`.
+        expected: &'static str,
+    },
+
+    /// Two tensors of one batch live on different devices.
+    #[error("tensor `{tensor}` is on {actual:?} but `{reference}` is on {expected:?}")]
+    DeviceMismatch {
+        /// The argument name.
+        tensor: &'static str,
+        /// Its device.
+        actual: Device,
+        /// The tensor it was compared with.
+        reference: &'static str,
+        /// That tensor's device.
+        expected: Device,
+    },
+
+    /// A loss hyperparameter is out of its domain.
+    #[error("invalid hyperparameter `{name}` = {value} for {loss}: must be {requirement}")]
+    InvalidHyperparameter {
+        /// The loss or regularizer, e.g. `"RefaDynamic"`.
+        loss: &'static str,
+        /// The field name, e.g. `"beta"`.
+        name: &'static str,
+        /// The value it had.
+        value: f64,
+        /// The domain, e.g. `"finite and > 0"`.
+        requirement: &'static str,
+    },
+
+    /// A value in a valid (unmasked) slot is out of its domain.
+    #[error("tensor `{tensor}` holds {value} at {position}, which must be {requirement}")]
+    InvalidValue {
+        /// The argument name.
+        tensor: &'static str,
+        /// Where, e.g. `"prompt 3, slot 1"`.
+        position: String,
+        /// The value found there.
+        value: f64,
+        /// The domain, e.g. `"> 0"`.
+        requirement: &'static str,
+    },
+
+    /// A loss needs an input the batch was not given.
+    #[error("{loss} needs `{input}`, which the batch lacks: add it with `PreferenceBatch::{method}`")]
+    MissingInput {
+        /// The loss that needs it.
+        loss: &'static str,
+        /// The missing input.
+        input: &'static str,
+        /// The builder method that supplies it.
+        method: &'static str,
+    },
+
+    /// The computed loss is not finite although every checked input was.
+    #[error("{loss} produced a non-finite loss ({value}); the inputs are finite, so a hyperparameter or a reward scale overflows")]
+    NonFiniteLoss {
+        /// The loss.
+        loss: &'static str,
+        /// The value it produced.
+        value: f64,
+    },
+
+    /// libtorch reported an error (kept as text so that `RefaError` stays `Clone`).
+    #[error("libtorch: {0}")]
+    Torch(String),
+}
+
+impl From<TchError> for RefaError {
+    fn from(err: TchError) -> Self {
+        RefaError::Torch(err.to_string())
+    }
+}
+
+/// Shorthand for results of this crate.
+pub type Result<T, E = RefaError> = std::result::Result<T, E>;
