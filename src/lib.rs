@@ -77,6 +77,7 @@ pub mod device;
 mod error;
 pub mod loss;
 mod partition;
+mod reduce;
 mod validate;
 
 pub use batch::PreferenceBatch;

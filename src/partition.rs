@@ -3,6 +3,7 @@
 use tch::{Kind, Tensor};
 
 use crate::error::Result;
+use crate::reduce::{amax_or_zero, first_argmax, first_argmin};
 
 /// Rewards closer to the prompt's mean than this fraction of the prompt's largest absolute
 /// reward count as equal to the mean. Summing K equal f64 rewards and dividing by K can miss
@@ -46,13 +47,13 @@ impl Partition {
         let count = mask.sum_dim_intlist(1, true, Kind::Double);
         let mean = rewards.sum_dim_intlist(1, true, Kind::Double) / count.clamp_min(1.0);
         let centered = (&rewards - mean).where_scalarother(mask, 0.0);
-        let scale = rewards.abs().amax(1, true);
+        let scale = amax_or_zero(&rewards.abs(), &[1], true);
         let positive = centered.gt_tensor(&(scale * RELATIVE_TIE_TOLERANCE)).logical_and(mask);
         let negative = mask.logical_and(&positive.logical_not());
         let active = count.squeeze_dim(1).ge(2.0).logical_and(&positive.any_dim(1, false));
         // Lowest slot index wins ties: argmax and argmin return the first extreme value.
-        let best = rewards.where_scalarother(mask, f64::NEG_INFINITY).argmax(1, false);
-        let worst = rewards.where_scalarother(mask, f64::INFINITY).argmin(1, false);
+        let best = first_argmax(&rewards.where_scalarother(mask, f64::NEG_INFINITY));
+        let worst = first_argmin(&rewards.where_scalarother(mask, f64::INFINITY));
         Ok(Partition { valid: mask.shallow_clone(), positive, negative, active, best, worst, centered })
     }
 

@@ -6,6 +6,7 @@ use crate::batch::PreferenceBatch;
 use crate::error::{RefaError, Result};
 use crate::loss::output::{LossMetrics, LossOutput, SumCount};
 use crate::partition::Partition;
+use crate::reduce::first_argmax;
 
 /// Per-response scores `[P, K]`: `logp_sum` (minus `ref_logp_sum` when `reference`), divided
 /// by `lengths` when `length_normalize`. Masked slots score 0.
@@ -101,7 +102,7 @@ pub(crate) fn check_finite(loss_name: &'static str, batch: &PreferenceBatch, los
 
 /// `[P]` f64: 1 where the highest-scoring valid response is the highest-reward one.
 fn top_score_is_best(scores: &Tensor, partition: &Partition) -> Tensor {
-    let top = scores.detach().masked_fill(&partition.valid().logical_not(), f64::NEG_INFINITY).argmax(1, false);
+    let top = first_argmax(&scores.detach().masked_fill(&partition.valid().logical_not(), f64::NEG_INFINITY));
     top.eq_tensor(partition.best()).to_kind(Kind::Double)
 }
 

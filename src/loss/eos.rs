@@ -6,6 +6,7 @@ use crate::batch::PreferenceBatch;
 use crate::error::{RefaError, Result};
 use crate::loss::common::{check_finite, eos_probability};
 use crate::loss::{LossMetrics, LossOutput, PreferenceLoss};
+use crate::reduce::amax_or_zero;
 use crate::validate::Hyperparameters;
 
 /// The target length `T` of [`EosMode::TargetLength`].
@@ -129,8 +130,8 @@ impl PreferenceLoss for EosRegularizer {
 fn target_lengths(target: TargetLength, lengths: &Tensor, mask: &Tensor) -> Tensor {
     let valid_lengths = lengths.where_scalarother(mask, 0.0);
     match target {
-        TargetLength::PromptLongest => valid_lengths.amax(1, true).expand_as(lengths),
-        TargetLength::BatchLongest => valid_lengths.amax([0, 1], true).expand_as(lengths),
+        TargetLength::PromptLongest => amax_or_zero(&valid_lengths, &[1], true).expand_as(lengths),
+        TargetLength::BatchLongest => amax_or_zero(&valid_lengths, &[0, 1], true).expand_as(lengths),
         TargetLength::Fixed(target) => lengths.full_like(target),
     }
 }
