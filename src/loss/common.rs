@@ -4,9 +4,8 @@ use tch::{Kind, Tensor};
 
 use crate::batch::PreferenceBatch;
 use crate::error::{RefaError, Result};
-use crate::loss::output::{LossMetrics, LossOutput, SumCount};
+use crate::loss::output::{ContrastInputs, LossMetrics, LossOutput};
 use crate::partition::Partition;
-use crate::reduce::first_argmax;
 
 /// Per-response scores `[P, K]`: `logp_sum` (minus `ref_logp_sum` when `reference`), divided
 /// by `lengths` when `length_normalize`. Masked slots score 0.
@@ -75,17 +74,18 @@ pub(crate) fn finish(
     (loss, per_prompt): (Tensor, Tensor),
     stats: ContrastStats<'_>,
 ) -> Result<LossOutput> {
-    let active = partition.active();
-    let active_slots = active.unsqueeze(1);
-    let metrics = LossMetrics {
-        positive_score: SumCount::of(stats.scores, &stats.positive.logical_and(&active_slots)),
-        negative_score: SumCount::of(stats.scores, &stats.negative.logical_and(&active_slots)),
-        positive_mass: SumCount::of(stats.positive_mass, active),
-        correct: SumCount::of(&top_score_is_best(stats.scores, partition), active),
-        eos_probability: eos_probability(batch),
-        ..LossMetrics::bare(&loss, partition.num_active(), batch.num_prompts())
-    };
     check_finite(loss_name, batch, &loss)?;
+    let metrics = LossMetrics::new(&loss, partition.num_active(), batch.num_prompts(), batch.eos()).with_contrast(
+        ContrastInputs {
+            scores: stats.scores.shallow_clone(),
+            positive: stats.positive.shallow_clone(),
+            negative: stats.negative.shallow_clone(),
+            positive_mass: stats.positive_mass.shallow_clone(),
+            active: partition.active().shallow_clone(),
+            valid: partition.valid().shallow_clone(),
+            best: partition.best().shallow_clone(),
+        },
+    );
     Ok(LossOutput { loss, per_prompt, metrics })
 }
 
@@ -98,18 +98,4 @@ pub(crate) fn check_finite(loss_name: &'static str, batch: &PreferenceBatch, los
         }
     }
     Ok(())
-}
-
-/// `[P]` f64: 1 where the highest-scoring valid response is the highest-reward one.
-fn top_score_is_best(scores: &Tensor, partition: &Partition) -> Tensor {
-    let top = first_argmax(&scores.detach().masked_fill(&partition.valid().logical_not(), f64::NEG_INFINITY));
-    top.eq_tensor(partition.best()).to_kind(Kind::Double)
-}
-
-/// Mean `P(EOS)` over valid responses that end with EOS, when the batch has EOS inputs.
-pub(crate) fn eos_probability(batch: &PreferenceBatch) -> SumCount {
-    match batch.eos() {
-        Some((eos_logp, eos_valid)) => SumCount::of(&eos_logp.exp(), &eos_valid),
-        None => SumCount::of(&batch.mask().to_kind(Kind::Double), &batch.mask().zeros_like()),
-    }
 }

@@ -4,7 +4,7 @@ use tch::{Kind, Tensor};
 
 use crate::batch::PreferenceBatch;
 use crate::error::{RefaError, Result};
-use crate::loss::common::{check_finite, eos_probability};
+use crate::loss::common::check_finite;
 use crate::loss::{LossMetrics, LossOutput, PreferenceLoss};
 use crate::reduce::amax_or_zero;
 use crate::validate::Hyperparameters;
@@ -118,10 +118,7 @@ impl PreferenceLoss for EosRegularizer {
         let kind = per_prompt.kind();
         let loss = per_prompt.sum(kind) / used.clamp_min(1.0).to_kind(kind);
         check_finite(self.name(), batch, &loss)?;
-        let metrics = LossMetrics {
-            eos_probability: eos_probability(batch),
-            ..LossMetrics::bare(&loss, used, batch.num_prompts())
-        };
+        let metrics = LossMetrics::new(&loss, used, batch.num_prompts(), Some((eos_logp, eos_valid)));
         Ok(LossOutput { loss, per_prompt, metrics })
     }
 }

@@ -3,6 +3,7 @@
 use tch::{Device, Kind, Tensor};
 
 use crate::error::Result;
+use crate::reduce::first_argmax;
 
 /// What every loss returns.
 #[derive(Debug)]
@@ -18,20 +19,16 @@ pub struct LossOutput {
 }
 
 /// A sum and a count, so that means over batches combine exactly.
-#[derive(Debug)]
-pub(crate) struct SumCount {
-    pub sum: Tensor,
-    pub count: Tensor,
+struct SumCount {
+    sum: Tensor,
+    count: Tensor,
 }
 
 impl SumCount {
     /// Sum and count of `values` where `select` (bool, same shape) is true.
-    pub fn of(values: &Tensor, select: &Tensor) -> Self {
-        let values = values.detach().to_kind(Kind::Double);
-        SumCount {
-            sum: values.where_scalarother(select, 0.0).sum(Kind::Double),
-            count: select.sum(Kind::Double),
-        }
+    fn of(values: &Tensor, select: &Tensor) -> Self {
+        let values = values.to_kind(Kind::Double);
+        SumCount { sum: values.where_scalarother(select, 0.0).sum(Kind::Double), count: select.sum(Kind::Double) }
     }
 
     fn empty(device: Device) -> Self {
@@ -40,18 +37,35 @@ impl SumCount {
     }
 }
 
-/// The statistics of one loss evaluation, kept on the device as detached f64 scalars so that
-/// computing them never waits for the GPU. Call [`summary`](Self::summary) to read them.
+/// What the contrast statistics are computed from, kept detached until they are read.
+#[derive(Debug)]
+pub(crate) struct ContrastInputs {
+    /// `[P, K]` scores the loss compares.
+    pub scores: Tensor,
+    /// `[P, K]` bool: the positives the loss favours.
+    pub positive: Tensor,
+    /// `[P, K]` bool: the negatives it penalizes.
+    pub negative: Tensor,
+    /// `[P]` probability mass the loss puts on the positives.
+    pub positive_mass: Tensor,
+    /// `[P]` bool: prompts the loss used.
+    pub active: Tensor,
+    /// `[P, K]` bool: valid slots.
+    pub valid: Tensor,
+    /// `[P]` i64: highest-reward slot.
+    pub best: Tensor,
+}
+
+/// The statistics of one loss evaluation. Producing them costs nothing: they hold detached
+/// views of the loss's intermediate tensors, and the reductions run only when
+/// [`summary`](Self::summary) reads them, with a single device-to-host copy.
 #[derive(Debug)]
 pub struct LossMetrics {
     pub(crate) loss: Tensor,
     pub(crate) prompts_used: Tensor,
     pub(crate) prompts_total: i64,
-    pub(crate) positive_score: SumCount,
-    pub(crate) negative_score: SumCount,
-    pub(crate) positive_mass: SumCount,
-    pub(crate) correct: SumCount,
-    pub(crate) eos_probability: SumCount,
+    pub(crate) contrast: Option<ContrastInputs>,
+    pub(crate) eos: Option<(Tensor, Tensor)>,
     pub(crate) regularizer: Option<Tensor>,
 }
 
@@ -85,32 +99,39 @@ pub struct MetricsSummary {
 }
 
 impl LossMetrics {
-    /// Metrics of a computation that has no notion of positives and negatives.
-    pub(crate) fn bare(loss: &Tensor, prompts_used: Tensor, prompts_total: i64) -> Self {
-        let device = loss.device();
+    /// Metrics of `loss` over `prompts_used` of `prompts_total` prompts; `eos` is
+    /// `(eos_logp, valid & eos_mask)` when the batch has EOS inputs.
+    pub(crate) fn new(loss: &Tensor, prompts_used: Tensor, prompts_total: i64, eos: Option<(Tensor, Tensor)>) -> Self {
         LossMetrics {
             loss: loss.detach().to_kind(Kind::Double),
             prompts_used,
             prompts_total,
-            positive_score: SumCount::empty(device),
-            negative_score: SumCount::empty(device),
-            positive_mass: SumCount::empty(device),
-            correct: SumCount::empty(device),
-            eos_probability: SumCount::empty(device),
+            contrast: None,
+            eos: eos.map(|(logp, valid)| (logp.detach(), valid)),
             regularizer: None,
         }
     }
 
-    /// Copies every statistic to the host at once and forms the means.
+    /// Adds the statistics of a loss that contrasts positives with negatives.
+    pub(crate) fn with_contrast(mut self, inputs: ContrastInputs) -> Self {
+        self.contrast = Some(ContrastInputs {
+            scores: inputs.scores.detach(),
+            positive_mass: inputs.positive_mass.detach(),
+            ..inputs
+        });
+        self
+    }
+
+    /// Reduces every statistic on the device, copies them to the host at once and forms
+    /// the means.
     pub fn summary(&self) -> Result<MetricsSummary> {
-        let mut parts = vec![&self.loss, &self.prompts_used];
+        let mut parts = vec![self.loss.shallow_clone(), self.prompts_used.to_kind(Kind::Double)];
         for stat in self.sum_counts() {
-            parts.extend([&stat.sum, &stat.count]);
+            parts.extend([stat.sum, stat.count]);
         }
         if let Some(regularizer) = &self.regularizer {
-            parts.push(regularizer);
+            parts.push(regularizer.to_kind(Kind::Double));
         }
-        let parts: Vec<Tensor> = parts.into_iter().map(|t| t.to_kind(Kind::Double)).collect();
         let values = Vec::<f64>::try_from(&Tensor::stack(&parts, 0).to_device(Device::Cpu))?;
         let mean = |i: usize| (values[i + 1] > 0.0).then(|| values[i] / values[i + 1]);
         let used = values[1].round() as u64;
@@ -129,13 +150,24 @@ impl LossMetrics {
         })
     }
 
-    fn sum_counts(&self) -> [&SumCount; 5] {
+    /// Positive score, negative score, positive mass, correct ranking, EOS probability.
+    fn sum_counts(&self) -> [SumCount; 5] {
+        let device = self.loss.device();
+        let eos = match &self.eos {
+            Some((logp, valid)) => SumCount::of(&logp.exp(), valid),
+            None => SumCount::empty(device),
+        };
+        let Some(c) = &self.contrast else {
+            return [SumCount::empty(device), SumCount::empty(device), SumCount::empty(device), SumCount::empty(device), eos];
+        };
+        let active_slots = c.active.unsqueeze(1);
+        let top = first_argmax(&c.scores.masked_fill(&c.valid.logical_not(), f64::NEG_INFINITY));
         [
-            &self.positive_score,
-            &self.negative_score,
-            &self.positive_mass,
-            &self.correct,
-            &self.eos_probability,
+            SumCount::of(&c.scores, &c.positive.logical_and(&active_slots)),
+            SumCount::of(&c.scores, &c.negative.logical_and(&active_slots)),
+            SumCount::of(&c.positive_mass, &c.active),
+            SumCount::of(&top.eq_tensor(&c.best), &c.active),
+            eos,
         ]
     }
 }
