@@ -13,7 +13,10 @@ fn forward_backward(c: &mut Criterion) {
     tch::set_num_threads(1);
     for (name, loss) in losses() {
         let mut group = c.benchmark_group(name);
-        group.warm_up_time(Duration::from_millis(300)).measurement_time(Duration::from_secs(1)).sample_size(20);
+        group
+            .warm_up_time(Duration::from_millis(300))
+            .measurement_time(Duration::from_secs(1))
+            .sample_size(20);
         for prompts in PROMPTS {
             for slots in SLOTS {
                 let inputs = Inputs::new(prompts, slots, Device::Cpu);

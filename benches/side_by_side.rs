@@ -48,13 +48,23 @@ fn python_times(prompts: i64, slots: i64) -> HashMap<String, f64> {
         .arg(format!("{prompts}:{slots}"))
         .output()
         .expect("run the Python baseline (scripts/cargo installs .venv)");
-    assert!(output.status.success(), "python baseline failed: {}", String::from_utf8_lossy(&output.stderr));
+    assert!(
+        output.status.success(),
+        "python baseline failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
     String::from_utf8_lossy(&output.stdout)
         .lines()
         .map(|line| {
             let field = |name: &str| {
                 let start = line.find(&format!("\"{name}\": ")).expect("field") + name.len() + 4;
-                line[start..].split([',', '}']).next().expect("value").trim().trim_matches('"').to_string()
+                line[start..]
+                    .split([',', '}'])
+                    .next()
+                    .expect("value")
+                    .trim()
+                    .trim_matches('"')
+                    .to_string()
             };
             (field("loss"), field("ms").parse().expect("ms"))
         })
@@ -63,9 +73,13 @@ fn python_times(prompts: i64, slots: i64) -> HashMap<String, f64> {
 
 fn main() {
     tch::set_num_threads(THREADS);
-    let losses: Vec<_> = losses().into_iter().filter(|(name, _)| COMPARED.contains(name)).collect();
+    let losses: Vec<_> = losses()
+        .into_iter()
+        .filter(|(name, _)| COMPARED.contains(name))
+        .collect();
     println!("| loss | P | K | Rust ms (checks on) | Rust ms (checks off) | Python ms | Rust/Python (on) | Rust/Python (off) |");
     println!("|---|---:|---:|---:|---:|---:|---:|---:|");
+    let (mut log_on, mut log_off, mut rows) = (0.0, 0.0, 0.0);
     // Shape by shape, Rust then Python right after, so that both see the same machine state.
     for prompts in PROMPTS {
         for slots in SLOTS {
@@ -76,7 +90,17 @@ fn main() {
                 let off = time_step(|| inputs.step(loss.as_ref(), false));
                 let py = python[*name];
                 println!("| {name} | {prompts} | {slots} | {on:.3} | {off:.3} | {py:.3} | {:.2} | {:.2} |", on / py, off / py);
+                (log_on, log_off, rows) = (
+                    log_on + (on / py).ln(),
+                    log_off + (off / py).ln(),
+                    rows + 1.0,
+                );
             }
         }
     }
+    println!(
+        "\ngeometric mean of Rust/Python over {rows} rows: {:.2} (checks on), {:.2} (checks off)",
+        (log_on / rows).exp(),
+        (log_off / rows).exp()
+    );
 }

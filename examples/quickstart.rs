@@ -4,8 +4,8 @@
 //! Run: `scripts/cargo run --release --example quickstart`
 
 use refa_loss::{
-    device, Dpo, EosMode, EosRegularizer, InfoNca, InfoNcaVariant, Mpo, PreferenceBatch, PreferenceLoss,
-    RefaDynamic, RefaOneVsAll, SimPo, TargetLength,
+    device, Dpo, EosMode, EosRegularizer, InfoNca, InfoNcaVariant, Mpo, PreferenceBatch,
+    PreferenceLoss, RefaDynamic, RefaOneVsAll, SimPo, TargetLength,
 };
 use tch::{Kind, Tensor};
 
@@ -24,13 +24,38 @@ struct Example {
 fn example(device: tch::Device) -> Example {
     let table = |rows: [[f64; 4]; 3]| Tensor::from_slice2(&rows).to_kind(Kind::Float).to(device);
     Example {
-        logp_sum: table([[-42.0, -75.0, -30.0, -96.0], [-20.0, -25.0, -22.0, -30.0], [-60.0, -18.0, -44.0, 0.0]]),
-        lengths: table([[60.0, 50.0, 20.0, 80.0], [20.0, 25.0, 20.0, 30.0], [70.0, 15.0, 40.0, 1.0]]),
-        rewards: table([[9.0, 4.0, 6.5, 2.0], [5.0, 5.0, 5.0, 5.0], [8.5, 3.0, 7.0, 0.0]]),
+        logp_sum: table([
+            [-42.0, -75.0, -30.0, -96.0],
+            [-20.0, -25.0, -22.0, -30.0],
+            [-60.0, -18.0, -44.0, 0.0],
+        ]),
+        lengths: table([
+            [60.0, 50.0, 20.0, 80.0],
+            [20.0, 25.0, 20.0, 30.0],
+            [70.0, 15.0, 40.0, 1.0],
+        ]),
+        rewards: table([
+            [9.0, 4.0, 6.5, 2.0],
+            [5.0, 5.0, 5.0, 5.0],
+            [8.5, 3.0, 7.0, 0.0],
+        ]),
         mask: Tensor::from_slice2(&[[true; 4], [true; 4], [true, true, true, false]]).to(device),
-        ref_logp_sum: table([[-45.0, -70.0, -31.0, -90.0], [-21.0, -24.0, -22.0, -31.0], [-62.0, -17.0, -45.0, 0.0]]),
-        eos_logp: table([[-0.2, -0.4, -0.9, -0.1], [-0.3, -0.3, -0.5, -0.2], [-0.1, -1.6, -0.7, 0.0]]),
-        eos_mask: Tensor::from_slice2(&[[true, true, true, false], [true; 4], [true, true, true, false]]).to(device),
+        ref_logp_sum: table([
+            [-45.0, -70.0, -31.0, -90.0],
+            [-21.0, -24.0, -22.0, -31.0],
+            [-62.0, -17.0, -45.0, 0.0],
+        ]),
+        eos_logp: table([
+            [-0.2, -0.4, -0.9, -0.1],
+            [-0.3, -0.3, -0.5, -0.2],
+            [-0.1, -1.6, -0.7, 0.0],
+        ]),
+        eos_mask: Tensor::from_slice2(&[
+            [true, true, true, false],
+            [true; 4],
+            [true, true, true, false],
+        ])
+        .to(device),
     }
 }
 
@@ -41,22 +66,52 @@ fn main() -> Result<(), refa_loss::RefaError> {
     print_inputs(&data)?;
 
     let losses: Vec<(&str, Box<dyn PreferenceLoss>)> = vec![
-        ("RefaDynamic (paper defaults)", Box::new(RefaDynamic::default())),
-        ("RefaDynamic + EOS regularizer", Box::new(RefaDynamic::default().with_regularizer(EosRegularizer::default()))),
+        (
+            "RefaDynamic (paper defaults)",
+            Box::new(RefaDynamic::default()),
+        ),
+        (
+            "RefaDynamic + EOS regularizer",
+            Box::new(RefaDynamic::default().with_regularizer(EosRegularizer::default())),
+        ),
         ("RefaOneVsAll", Box::new(RefaOneVsAll::default())),
         ("InfoNca (reference-free)", Box::new(InfoNca::default())),
-        ("InfoNca PositivesOnly", Box::new(InfoNca { variant: InfoNcaVariant::PositivesOnly, ..Default::default() })),
-        ("InfoNca OneVsAll", Box::new(InfoNca { variant: InfoNcaVariant::OneVsAll, ..Default::default() })),
+        (
+            "InfoNca PositivesOnly",
+            Box::new(InfoNca {
+                variant: InfoNcaVariant::PositivesOnly,
+                ..Default::default()
+            }),
+        ),
+        (
+            "InfoNca OneVsAll",
+            Box::new(InfoNca {
+                variant: InfoNcaVariant::OneVsAll,
+                ..Default::default()
+            }),
+        ),
         ("InfoNca (with reference)", Box::new(InfoNca::original())),
         ("SimPo", Box::new(SimPo::default())),
         ("Dpo", Box::new(Dpo::default())),
         ("Mpo", Box::new(Mpo::default())),
-        ("EosRegularizer FinalProbability", Box::new(EosRegularizer::default())),
+        (
+            "EosRegularizer FinalProbability",
+            Box::new(EosRegularizer::default()),
+        ),
         (
             "EosRegularizer TargetLength",
-            Box::new(EosRegularizer { mode: EosMode::TargetLength(TargetLength::PromptLongest), lambda: 0.01 }),
+            Box::new(EosRegularizer {
+                mode: EosMode::TargetLength(TargetLength::PromptLongest),
+                lambda: 0.01,
+            }),
         ),
-        ("EosRegularizer FinalLogProbability", Box::new(EosRegularizer { mode: EosMode::FinalLogProbability, lambda: 0.1 })),
+        (
+            "EosRegularizer FinalLogProbability",
+            Box::new(EosRegularizer {
+                mode: EosMode::FinalLogProbability,
+                lambda: 0.1,
+            }),
+        ),
     ];
     println!(
         "{:<36} {:>8} {:>5} {:>5} {:>8} {:>8} {:>7} {:>6} {:>6}",
@@ -104,7 +159,9 @@ fn main() -> Result<(), refa_loss::RefaError> {
 }
 
 fn print_inputs(data: &Example) -> Result<(), refa_loss::RefaError> {
-    println!("rewards (prompt × slot; the second prompt's are all equal, slot 3 of the third is empty):");
+    println!(
+        "rewards (prompt × slot; the second prompt's are all equal, slot 3 of the third is empty):"
+    );
     print_table(&data.rewards.where_scalarother(&data.mask, f64::NAN))?;
     println!("mean token log-probability logp_sum / lengths:");
     print_table(&(&data.logp_sum / &data.lengths).where_scalarother(&data.mask, f64::NAN))?;
@@ -114,7 +171,16 @@ fn print_inputs(data: &Example) -> Result<(), refa_loss::RefaError> {
 fn print_table(t: &Tensor) -> Result<(), refa_loss::RefaError> {
     let rows = Vec::<Vec<f64>>::try_from(&t.to_kind(Kind::Double).to_device(tch::Device::Cpu))?;
     for row in rows {
-        let cells: Vec<String> = row.iter().map(|v| if v.is_nan() { "       -".into() } else { format!("{v:>8.4}") }).collect();
+        let cells: Vec<String> = row
+            .iter()
+            .map(|v| {
+                if v.is_nan() {
+                    "       -".into()
+                } else {
+                    format!("{v:>8.4}")
+                }
+            })
+            .collect();
         println!("  {}", cells.join(" "));
     }
     println!();

@@ -124,7 +124,10 @@ impl PreferenceBatch {
     pub fn with_eos(mut self, eos_logp: &Tensor, eos_mask: &Tensor) -> Result<Self> {
         self.check_prompt_slot_float("eos_logp", eos_logp)?;
         self.check_prompt_slot_tensor("eos_mask", eos_mask, Kind::Bool)?;
-        self.eos = Some(EosInputs { logp: eos_logp.to_kind(self.kind), mask: eos_mask.detach() });
+        self.eos = Some(EosInputs {
+            logp: eos_logp.to_kind(self.kind),
+            mask: eos_mask.detach(),
+        });
         self.partition = OnceCell::new();
         Ok(self)
     }
@@ -136,15 +139,21 @@ impl PreferenceBatch {
         let shape = eos_logp_steps.size();
         let expected = format!("[P, K, T] with [P, K] = [{p}, {k}]");
         if shape.len() != 3 || shape[0] != p || shape[1] != k {
-            return Err(RefaError::ShapeMismatch { tensor: "eos_logp_steps", actual: shape, expected });
+            return Err(RefaError::ShapeMismatch {
+                tensor: "eos_logp_steps",
+                actual: shape,
+                expected,
+            });
         }
         validate::float_kind("eos_logp_steps", eos_logp_steps)?;
         validate::same_device("eos_logp_steps", eos_logp_steps, "logp_sum", self.device())?;
         validate::same_shape("step_mask", step_mask, "eos_logp_steps", &shape)?;
         validate::exact_kind("step_mask", step_mask, Kind::Bool)?;
         validate::same_device("step_mask", step_mask, "logp_sum", self.device())?;
-        self.eos_steps =
-            Some(EosSteps { logp: eos_logp_steps.to_kind(self.kind), mask: step_mask.detach() });
+        self.eos_steps = Some(EosSteps {
+            logp: eos_logp_steps.to_kind(self.kind),
+            mask: step_mask.detach(),
+        });
         self.partition = OnceCell::new();
         Ok(self)
     }
@@ -243,7 +252,12 @@ impl PreferenceBatch {
         tensor.where_scalarother(&self.mask, fill)
     }
 
-    fn check_prompt_slot_tensor(&self, name: &'static str, tensor: &Tensor, kind: Kind) -> Result<()> {
+    fn check_prompt_slot_tensor(
+        &self,
+        name: &'static str,
+        tensor: &Tensor,
+        kind: Kind,
+    ) -> Result<()> {
         validate::same_shape(name, tensor, "logp_sum", &self.logp_sum.size())?;
         validate::exact_kind(name, tensor, kind)?;
         validate::same_device(name, tensor, "logp_sum", self.device())

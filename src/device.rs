@@ -24,7 +24,8 @@ pub fn load_cuda_backend() -> bool {
     static LOADED: OnceLock<bool> = OnceLock::new();
     *LOADED.get_or_init(|| {
         dlopen_global(c"libtorch_cuda.so")
-            || sibling_of_loaded_libtorch("libtorch_cuda.so").is_some_and(|path| dlopen_global(&path))
+            || sibling_of_loaded_libtorch("libtorch_cuda.so")
+                .is_some_and(|path| dlopen_global(&path))
     })
 }
 

@@ -70,7 +70,9 @@ pub enum RefaError {
     },
 
     /// A loss needs an input the batch was not given.
-    #[error("{loss} needs `{input}`, which the batch lacks: add it with `PreferenceBatch::{method}`")]
+    #[error(
+        "{loss} needs `{input}`, which the batch lacks: add it with `PreferenceBatch::{method}`"
+    )]
     MissingInput {
         /// The loss that needs it.
         loss: &'static str,

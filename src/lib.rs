@@ -83,7 +83,7 @@ mod validate;
 pub use batch::PreferenceBatch;
 pub use error::{RefaError, Result};
 pub use loss::{
-    Dpo, EosMode, EosRegularizer, InfoNca, InfoNcaVariant, LossMetrics, LossOutput, MetricsSummary, Mpo,
-    PreferenceLoss, RefaDynamic, RefaOneVsAll, Regularized, SimPo, TargetLength,
+    Dpo, EosMode, EosRegularizer, InfoNca, InfoNcaVariant, LossMetrics, LossOutput, MetricsSummary,
+    Mpo, PreferenceLoss, RefaDynamic, RefaOneVsAll, Regularized, SimPo, TargetLength,
 };
 pub use partition::{DeviationMode, Partition, RELATIVE_TIE_TOLERANCE};

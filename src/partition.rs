@@ -48,13 +48,26 @@ impl Partition {
         let mean = rewards.sum_dim_intlist(1, true, Kind::Double) / count.clamp_min(1.0);
         let centered = (&rewards - mean).where_scalarother(mask, 0.0);
         let scale = amax_or_zero(&rewards.abs(), &[1], true);
-        let positive = centered.gt_tensor(&(scale * RELATIVE_TIE_TOLERANCE)).logical_and(mask);
+        let positive = centered
+            .gt_tensor(&(scale * RELATIVE_TIE_TOLERANCE))
+            .logical_and(mask);
         let negative = mask.logical_and(&positive.logical_not());
-        let active = count.squeeze_dim(1).ge(2.0).logical_and(&positive.any_dim(1, false));
+        let active = count
+            .squeeze_dim(1)
+            .ge(2.0)
+            .logical_and(&positive.any_dim(1, false));
         // Lowest slot index wins ties: argmax and argmin return the first extreme value.
         let best = first_argmax(&rewards.where_scalarother(mask, f64::NEG_INFINITY));
         let worst = first_argmin(&rewards.where_scalarother(mask, f64::INFINITY));
-        Ok(Partition { valid: mask.shallow_clone(), positive, negative, active, best, worst, centered })
+        Ok(Partition {
+            valid: mask.shallow_clone(),
+            positive,
+            negative,
+            active,
+            best,
+            worst,
+            centered,
+        })
     }
 
     /// `[P, K]` bool: the slot holds a real response.
@@ -105,7 +118,10 @@ impl Partition {
     fn one_hot(&self, index: &Tensor) -> Tensor {
         let slots = self.valid.size()[1];
         let positions = Tensor::arange(slots, (Kind::Int64, self.valid.device()));
-        positions.unsqueeze(0).eq_tensor(&index.unsqueeze(1)).logical_and(&self.valid)
+        positions
+            .unsqueeze(0)
+            .eq_tensor(&index.unsqueeze(1))
+            .logical_and(&self.valid)
     }
 
     /// `[P, K]` deviations `d` in `kind` (0 in masked slots):

@@ -43,13 +43,21 @@ pub(crate) fn same_device(
 ) -> Result<()> {
     let actual = tensor.device();
     if actual != expected {
-        return Err(RefaError::DeviceMismatch { tensor: name, actual, reference, expected });
+        return Err(RefaError::DeviceMismatch {
+            tensor: name,
+            actual,
+            reference,
+            expected,
+        });
     }
     Ok(())
 }
 
 pub(crate) fn is_float(kind: Kind) -> bool {
-    matches!(kind, Kind::Float | Kind::Double | Kind::Half | Kind::BFloat16)
+    matches!(
+        kind,
+        Kind::Float | Kind::Double | Kind::Half | Kind::BFloat16
+    )
 }
 
 pub(crate) fn float_kind(name: &'static str, tensor: &Tensor) -> Result<()> {
@@ -66,7 +74,10 @@ pub(crate) fn float_kind(name: &'static str, tensor: &Tensor) -> Result<()> {
 
 pub(crate) fn numeric_kind(name: &'static str, tensor: &Tensor) -> Result<()> {
     let actual = tensor.kind();
-    let integer = matches!(actual, Kind::Uint8 | Kind::Int8 | Kind::Int16 | Kind::Int | Kind::Int64);
+    let integer = matches!(
+        actual,
+        Kind::Uint8 | Kind::Int8 | Kind::Int16 | Kind::Int | Kind::Int64
+    );
     if !(integer || is_float(actual)) {
         return Err(RefaError::WrongKind {
             tensor: name,
@@ -85,7 +96,11 @@ pub(crate) fn exact_kind(name: &'static str, tensor: &Tensor, expected: Kind) ->
             Kind::Int64 => "Int64",
             _ => "another kind",
         };
-        return Err(RefaError::WrongKind { tensor: name, actual, expected });
+        return Err(RefaError::WrongKind {
+            tensor: name,
+            actual,
+            expected,
+        });
     }
     Ok(())
 }
@@ -102,14 +117,24 @@ impl<'a> ValueCheck<'a> {
     /// Values must be finite where `valid` is true.
     pub fn finite(name: &'static str, values: &'a Tensor, valid: &Tensor) -> Self {
         let bad = values.isfinite().logical_not().logical_and(valid);
-        ValueCheck { name, values, bad, requirement: "finite" }
+        ValueCheck {
+            name,
+            values,
+            bad,
+            requirement: "finite",
+        }
     }
 
     /// Values must be finite and > 0 where `valid` is true.
     pub fn positive_finite(name: &'static str, values: &'a Tensor, valid: &Tensor) -> Self {
         let ok = values.isfinite().logical_and(&values.gt(0.0));
         let bad = ok.logical_not().logical_and(valid);
-        ValueCheck { name, values, bad, requirement: "finite and > 0" }
+        ValueCheck {
+            name,
+            values,
+            bad,
+            requirement: "finite and > 0",
+        }
     }
 }
 
@@ -120,7 +145,9 @@ pub(crate) fn run_value_checks(checks: &[ValueCheck<'_>]) -> Result<()> {
         return Ok(());
     }
     let flags: Vec<Tensor> = checks.iter().map(|check| check.bad.any()).collect();
-    let flags = Tensor::stack(&flags, 0).to_kind(Kind::Int64).to_device(Device::Cpu);
+    let flags = Tensor::stack(&flags, 0)
+        .to_kind(Kind::Int64)
+        .to_device(Device::Cpu);
     let flags = Vec::<i64>::try_from(&flags)?;
     match checks.iter().zip(flags).find(|(_, flag)| *flag != 0) {
         None => Ok(()),
@@ -130,7 +157,12 @@ pub(crate) fn run_value_checks(checks: &[ValueCheck<'_>]) -> Result<()> {
 
 fn first_violation(check: &ValueCheck<'_>) -> Result<RefaError> {
     let index = Vec::<i64>::try_from(&check.bad.nonzero().get(0).to_device(Device::Cpu))?;
-    let value = check.values.detach().to_kind(Kind::Double).to_device(Device::Cpu).double_value(&index);
+    let value = check
+        .values
+        .detach()
+        .to_kind(Kind::Double)
+        .to_device(Device::Cpu)
+        .double_value(&index);
     let labels = ["prompt", "slot", "step"];
     let position = index
         .iter()
@@ -138,7 +170,12 @@ fn first_violation(check: &ValueCheck<'_>) -> Result<RefaError> {
         .map(|(i, label)| format!("{label} {i}"))
         .collect::<Vec<_>>()
         .join(", ");
-    Ok(RefaError::InvalidValue { tensor: check.name, position, value, requirement: check.requirement })
+    Ok(RefaError::InvalidValue {
+        tensor: check.name,
+        position,
+        value,
+        requirement: check.requirement,
+    })
 }
 
 /// Hyperparameter checks for one loss configuration.
@@ -151,22 +188,43 @@ impl Hyperparameters {
         Hyperparameters { loss }
     }
 
-    fn check(&self, name: &'static str, value: f64, ok: bool, requirement: &'static str) -> Result<&Self> {
+    fn check(
+        &self,
+        name: &'static str,
+        value: f64,
+        ok: bool,
+        requirement: &'static str,
+    ) -> Result<&Self> {
         if ok {
             Ok(self)
         } else {
-            Err(RefaError::InvalidHyperparameter { loss: self.loss, name, value, requirement })
+            Err(RefaError::InvalidHyperparameter {
+                loss: self.loss,
+                name,
+                value,
+                requirement,
+            })
         }
     }
 
     /// `value` must be finite and > 0.
     pub fn positive(&self, name: &'static str, value: f64) -> Result<&Self> {
-        self.check(name, value, value.is_finite() && value > 0.0, "finite and > 0")
+        self.check(
+            name,
+            value,
+            value.is_finite() && value > 0.0,
+            "finite and > 0",
+        )
     }
 
     /// `value` must be finite and >= 0.
     pub fn non_negative(&self, name: &'static str, value: f64) -> Result<&Self> {
-        self.check(name, value, value.is_finite() && value >= 0.0, "finite and >= 0")
+        self.check(
+            name,
+            value,
+            value.is_finite() && value >= 0.0,
+            "finite and >= 0",
+        )
     }
 
     /// `value` must be finite.

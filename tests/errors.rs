@@ -1,8 +1,8 @@
 //! Every error case: the variant, and a message that names the culprit. No user input panics.
 
 use refa_loss::{
-    device, Dpo, EosMode, EosRegularizer, InfoNca, Mpo, PreferenceBatch, PreferenceLoss, RefaDynamic, RefaError,
-    RefaOneVsAll, SimPo, TargetLength,
+    device, Dpo, EosMode, EosRegularizer, InfoNca, Mpo, PreferenceBatch, PreferenceLoss,
+    RefaDynamic, RefaError, RefaOneVsAll, SimPo, TargetLength,
 };
 use tch::{Device, Kind, Tensor};
 
@@ -32,48 +32,160 @@ fn message(err: &RefaError) -> String {
 
 #[test]
 fn mismatched_shapes_name_the_tensors_and_shapes() {
-    let err = PreferenceBatch::new(&logp(), &Tensor::ones([2, 4], (Kind::Double, Device::Cpu)), &rewards()).unwrap_err();
-    assert!(matches!(&err, RefaError::ShapeMismatch { tensor: "lengths", actual, .. } if actual == &vec![2, 4]));
-    assert!(message(&err).contains("`lengths`") && message(&err).contains("[2, 4]") && message(&err).contains("[2, 3]"));
+    let err = PreferenceBatch::new(
+        &logp(),
+        &Tensor::ones([2, 4], (Kind::Double, Device::Cpu)),
+        &rewards(),
+    )
+    .unwrap_err();
+    assert!(
+        matches!(&err, RefaError::ShapeMismatch { tensor: "lengths", actual, .. } if actual == &vec![2, 4])
+    );
+    assert!(
+        message(&err).contains("`lengths`")
+            && message(&err).contains("[2, 4]")
+            && message(&err).contains("[2, 3]")
+    );
 
     let err = PreferenceBatch::new(&logp().flatten(0, -1), &lengths(), &rewards()).unwrap_err();
-    assert!(matches!(err, RefaError::ShapeMismatch { tensor: "logp_sum", .. }), "{err}");
+    assert!(
+        matches!(
+            err,
+            RefaError::ShapeMismatch {
+                tensor: "logp_sum",
+                ..
+            }
+        ),
+        "{err}"
+    );
 
-    let err = batch().with_mask(&Tensor::ones([3, 3], (Kind::Bool, Device::Cpu))).unwrap_err();
-    assert!(message(&err).contains("`mask`") && message(&err).contains("[3, 3]"), "{err}");
+    let err = batch()
+        .with_mask(&Tensor::ones([3, 3], (Kind::Bool, Device::Cpu)))
+        .unwrap_err();
+    assert!(
+        message(&err).contains("`mask`") && message(&err).contains("[3, 3]"),
+        "{err}"
+    );
 
-    let err = batch().with_reference(&Tensor::zeros([2], (Kind::Double, Device::Cpu))).unwrap_err();
-    assert!(matches!(err, RefaError::ShapeMismatch { tensor: "ref_logp_sum", .. }), "{err}");
+    let err = batch()
+        .with_reference(&Tensor::zeros([2], (Kind::Double, Device::Cpu)))
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            RefaError::ShapeMismatch {
+                tensor: "ref_logp_sum",
+                ..
+            }
+        ),
+        "{err}"
+    );
 
     let steps = Tensor::zeros([2, 4, 5], (Kind::Double, Device::Cpu));
     let err = batch().with_eos_steps(&steps, &steps.gt(0.0)).unwrap_err();
-    assert!(matches!(err, RefaError::ShapeMismatch { tensor: "eos_logp_steps", .. }), "{err}");
+    assert!(
+        matches!(
+            err,
+            RefaError::ShapeMismatch {
+                tensor: "eos_logp_steps",
+                ..
+            }
+        ),
+        "{err}"
+    );
 
     let steps = Tensor::zeros([2, 3, 5], (Kind::Double, Device::Cpu));
-    let err = batch().with_eos_steps(&steps, &Tensor::ones([2, 3, 4], (Kind::Bool, Device::Cpu))).unwrap_err();
-    assert!(matches!(err, RefaError::ShapeMismatch { tensor: "step_mask", .. }), "{err}");
+    let err = batch()
+        .with_eos_steps(&steps, &Tensor::ones([2, 3, 4], (Kind::Bool, Device::Cpu)))
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            RefaError::ShapeMismatch {
+                tensor: "step_mask",
+                ..
+            }
+        ),
+        "{err}"
+    );
 }
 
 #[test]
 fn non_float_and_non_bool_kinds_are_refused() {
-    let err = PreferenceBatch::new(&logp().to_kind(Kind::Int64), &lengths(), &rewards()).unwrap_err();
-    assert!(matches!(err, RefaError::WrongKind { tensor: "logp_sum", actual: Kind::Int64, .. }), "{err}");
+    let err =
+        PreferenceBatch::new(&logp().to_kind(Kind::Int64), &lengths(), &rewards()).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            RefaError::WrongKind {
+                tensor: "logp_sum",
+                actual: Kind::Int64,
+                ..
+            }
+        ),
+        "{err}"
+    );
     assert!(message(&err).contains("floating-point"));
 
     let err = PreferenceBatch::new(&logp(), &lengths(), &rewards().gt(0.0)).unwrap_err();
-    assert!(matches!(err, RefaError::WrongKind { tensor: "rewards", actual: Kind::Bool, .. }), "{err}");
+    assert!(
+        matches!(
+            err,
+            RefaError::WrongKind {
+                tensor: "rewards",
+                actual: Kind::Bool,
+                ..
+            }
+        ),
+        "{err}"
+    );
 
     let err = batch().with_mask(&lengths()).unwrap_err();
-    assert!(matches!(err, RefaError::WrongKind { tensor: "mask", actual: Kind::Double, .. }), "{err}");
+    assert!(
+        matches!(
+            err,
+            RefaError::WrongKind {
+                tensor: "mask",
+                actual: Kind::Double,
+                ..
+            }
+        ),
+        "{err}"
+    );
 
     let err = batch().with_eos(&logp(), &lengths()).unwrap_err();
-    assert!(matches!(err, RefaError::WrongKind { tensor: "eos_mask", .. }), "{err}");
+    assert!(
+        matches!(
+            err,
+            RefaError::WrongKind {
+                tensor: "eos_mask",
+                ..
+            }
+        ),
+        "{err}"
+    );
 
-    let err = batch().with_reference(&logp().to_kind(Kind::Int)).unwrap_err();
-    assert!(matches!(err, RefaError::WrongKind { tensor: "ref_logp_sum", .. }), "{err}");
+    let err = batch()
+        .with_reference(&logp().to_kind(Kind::Int))
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            RefaError::WrongKind {
+                tensor: "ref_logp_sum",
+                ..
+            }
+        ),
+        "{err}"
+    );
 
     // Integer lengths and rewards are fine: they are counts and scores.
-    PreferenceBatch::new(&logp(), &lengths().to_kind(Kind::Int64), &rewards().to_kind(Kind::Int)).expect("integer counts");
+    PreferenceBatch::new(
+        &logp(),
+        &lengths().to_kind(Kind::Int64),
+        &rewards().to_kind(Kind::Int),
+    )
+    .expect("integer counts");
 }
 
 #[test]
@@ -82,8 +194,19 @@ fn tensors_on_different_devices_are_refused() {
         eprintln!("skipped: the device-mismatch check needs a CUDA device (none here)");
         return;
     }
-    let err = PreferenceBatch::new(&logp(), &lengths().to(Device::Cuda(0)), &rewards()).unwrap_err();
-    assert!(matches!(err, RefaError::DeviceMismatch { tensor: "lengths", reference: "logp_sum", .. }), "{err}");
+    let err =
+        PreferenceBatch::new(&logp(), &lengths().to(Device::Cuda(0)), &rewards()).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            RefaError::DeviceMismatch {
+                tensor: "lengths",
+                reference: "logp_sum",
+                ..
+            }
+        ),
+        "{err}"
+    );
     assert!(message(&err).contains("Cuda(0)") && message(&err).contains("Cpu"));
 }
 
@@ -91,26 +214,134 @@ fn tensors_on_different_devices_are_refused() {
 fn invalid_hyperparameters_name_the_loss_the_field_and_the_value() {
     let b = batch();
     let cases: Vec<(Box<dyn PreferenceLoss>, &str, &str)> = vec![
-        (Box::new(RefaDynamic { beta: 0.0, ..Default::default() }), "RefaDynamic", "beta"),
-        (Box::new(RefaDynamic { beta: f64::NAN, ..Default::default() }), "RefaDynamic", "beta"),
-        (Box::new(RefaDynamic { gamma: -1.0, ..Default::default() }), "RefaDynamic", "gamma"),
-        (Box::new(RefaDynamic { alpha: -0.5, ..Default::default() }), "RefaDynamic", "alpha"),
-        (Box::new(RefaDynamic { power: 0.0, ..Default::default() }), "RefaDynamic", "power"),
-        (Box::new(RefaOneVsAll { gamma: 0.0, ..Default::default() }), "RefaOneVsAll", "gamma"),
-        (Box::new(RefaOneVsAll { beta: f64::INFINITY, ..Default::default() }), "RefaOneVsAll", "beta"),
-        (Box::new(InfoNca { tau: 0.0, ..Default::default() }), "InfoNca", "tau"),
-        (Box::new(InfoNca { beta: -3.0, ..Default::default() }), "InfoNca", "beta"),
-        (Box::new(EosRegularizer { lambda: -0.1, ..Default::default() }), "EosRegularizer", "lambda"),
-        (Box::new(EosRegularizer { lambda: 1.0, mode: EosMode::Budgeted { budget: 0 } }), "EosRegularizer", "budget"),
         (
-            Box::new(EosRegularizer { lambda: 1.0, mode: EosMode::TargetLength(TargetLength::Fixed(-4.0)) }),
+            Box::new(RefaDynamic {
+                beta: 0.0,
+                ..Default::default()
+            }),
+            "RefaDynamic",
+            "beta",
+        ),
+        (
+            Box::new(RefaDynamic {
+                beta: f64::NAN,
+                ..Default::default()
+            }),
+            "RefaDynamic",
+            "beta",
+        ),
+        (
+            Box::new(RefaDynamic {
+                gamma: -1.0,
+                ..Default::default()
+            }),
+            "RefaDynamic",
+            "gamma",
+        ),
+        (
+            Box::new(RefaDynamic {
+                alpha: -0.5,
+                ..Default::default()
+            }),
+            "RefaDynamic",
+            "alpha",
+        ),
+        (
+            Box::new(RefaDynamic {
+                power: 0.0,
+                ..Default::default()
+            }),
+            "RefaDynamic",
+            "power",
+        ),
+        (
+            Box::new(RefaOneVsAll {
+                gamma: 0.0,
+                ..Default::default()
+            }),
+            "RefaOneVsAll",
+            "gamma",
+        ),
+        (
+            Box::new(RefaOneVsAll {
+                beta: f64::INFINITY,
+                ..Default::default()
+            }),
+            "RefaOneVsAll",
+            "beta",
+        ),
+        (
+            Box::new(InfoNca {
+                tau: 0.0,
+                ..Default::default()
+            }),
+            "InfoNca",
+            "tau",
+        ),
+        (
+            Box::new(InfoNca {
+                beta: -3.0,
+                ..Default::default()
+            }),
+            "InfoNca",
+            "beta",
+        ),
+        (
+            Box::new(EosRegularizer {
+                lambda: -0.1,
+                ..Default::default()
+            }),
+            "EosRegularizer",
+            "lambda",
+        ),
+        (
+            Box::new(EosRegularizer {
+                lambda: 1.0,
+                mode: EosMode::Budgeted { budget: 0 },
+            }),
+            "EosRegularizer",
+            "budget",
+        ),
+        (
+            Box::new(EosRegularizer {
+                lambda: 1.0,
+                mode: EosMode::TargetLength(TargetLength::Fixed(-4.0)),
+            }),
             "EosRegularizer",
             "target_length",
         ),
-        (Box::new(SimPo { margin: f64::NAN, ..Default::default() }), "SimPo", "margin"),
-        (Box::new(SimPo { sft_weight: -1.0, ..Default::default() }), "SimPo", "sft_weight"),
-        (Box::new(Dpo { beta: 0.0, ..Default::default() }), "Dpo", "beta"),
-        (Box::new(Mpo { alpha: f64::NAN, ..Default::default() }), "Mpo", "alpha"),
+        (
+            Box::new(SimPo {
+                margin: f64::NAN,
+                ..Default::default()
+            }),
+            "SimPo",
+            "margin",
+        ),
+        (
+            Box::new(SimPo {
+                sft_weight: -1.0,
+                ..Default::default()
+            }),
+            "SimPo",
+            "sft_weight",
+        ),
+        (
+            Box::new(Dpo {
+                beta: 0.0,
+                ..Default::default()
+            }),
+            "Dpo",
+            "beta",
+        ),
+        (
+            Box::new(Mpo {
+                alpha: f64::NAN,
+                ..Default::default()
+            }),
+            "Mpo",
+            "alpha",
+        ),
     ];
     for (loss, loss_name, field) in cases {
         let err = loss.compute(&b).unwrap_err();
@@ -118,7 +349,10 @@ fn invalid_hyperparameters_name_the_loss_the_field_and_the_value() {
             matches!(&err, RefaError::InvalidHyperparameter { loss, name, .. } if *loss == loss_name && *name == field),
             "{err}"
         );
-        assert!(message(&err).contains(&format!("`{field}`")) && message(&err).contains(loss_name), "{err}");
+        assert!(
+            message(&err).contains(&format!("`{field}`")) && message(&err).contains(loss_name),
+            "{err}"
+        );
     }
 }
 
@@ -129,25 +363,68 @@ fn invalid_values_in_valid_slots_name_tensor_position_and_value() {
     let err = RefaDynamic::default()
         .compute(&PreferenceBatch::new(&logp(), &bad_lengths, &rewards()).expect("shapes are fine"))
         .unwrap_err();
-    assert!(matches!(&err, RefaError::InvalidValue { tensor: "lengths", value, .. } if *value == 0.0), "{err}");
-    assert!(message(&err).contains("prompt 1, slot 2") && message(&err).contains("> 0"), "{err}");
+    assert!(
+        matches!(&err, RefaError::InvalidValue { tensor: "lengths", value, .. } if *value == 0.0),
+        "{err}"
+    );
+    assert!(
+        message(&err).contains("prompt 1, slot 2") && message(&err).contains("> 0"),
+        "{err}"
+    );
 
     let bad_rewards = rewards();
     let _ = bad_rewards.get(0).get(1).fill_(f64::NAN);
-    let err = PreferenceBatch::new(&logp(), &lengths(), &bad_rewards).expect("shapes").validate().unwrap_err();
-    assert!(matches!(err, RefaError::InvalidValue { tensor: "rewards", .. }), "{err}");
+    let err = PreferenceBatch::new(&logp(), &lengths(), &bad_rewards)
+        .expect("shapes")
+        .validate()
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            RefaError::InvalidValue {
+                tensor: "rewards",
+                ..
+            }
+        ),
+        "{err}"
+    );
     assert!(message(&err).contains("prompt 0, slot 1"), "{err}");
 
     let bad_logp = logp();
     let _ = bad_logp.get(1).get(0).fill_(f64::NEG_INFINITY);
-    let err = PreferenceBatch::new(&bad_logp, &lengths(), &rewards()).expect("shapes").validate().unwrap_err();
-    assert!(matches!(err, RefaError::InvalidValue { tensor: "logp_sum", .. }), "{err}");
+    let err = PreferenceBatch::new(&bad_logp, &lengths(), &rewards())
+        .expect("shapes")
+        .validate()
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            RefaError::InvalidValue {
+                tensor: "logp_sum",
+                ..
+            }
+        ),
+        "{err}"
+    );
 
     let bad_eos = logp();
     let _ = bad_eos.get(0).get(0).fill_(f64::NAN);
     let eos_mask = logp().lt(0.0);
-    let err = batch().with_eos(&bad_eos, &eos_mask).expect("shapes").validate().unwrap_err();
-    assert!(matches!(err, RefaError::InvalidValue { tensor: "eos_logp", .. }), "{err}");
+    let err = batch()
+        .with_eos(&bad_eos, &eos_mask)
+        .expect("shapes")
+        .validate()
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            RefaError::InvalidValue {
+                tensor: "eos_logp",
+                ..
+            }
+        ),
+        "{err}"
+    );
 }
 
 #[test]
@@ -155,11 +432,16 @@ fn invalid_values_in_masked_slots_or_with_checks_off_are_accepted() {
     let bad_lengths = lengths();
     let _ = bad_lengths.get(1).get(2).fill_(-7.0);
     let mask = Tensor::from_slice2(&[[true, true, true], [true, true, false]]);
-    let masked = PreferenceBatch::new(&logp(), &bad_lengths, &rewards()).and_then(|b| b.with_mask(&mask));
-    let value = RefaDynamic::default().compute(&masked.expect("batch")).expect("masked slot is ignored");
+    let masked =
+        PreferenceBatch::new(&logp(), &bad_lengths, &rewards()).and_then(|b| b.with_mask(&mask));
+    let value = RefaDynamic::default()
+        .compute(&masked.expect("batch"))
+        .expect("masked slot is ignored");
     assert!(value.loss.double_value(&[]).is_finite());
 
-    let unchecked = PreferenceBatch::new(&logp(), &bad_lengths, &rewards()).expect("batch").with_value_checks(false);
+    let unchecked = PreferenceBatch::new(&logp(), &bad_lengths, &rewards())
+        .expect("batch")
+        .with_value_checks(false);
     assert!(!unchecked.checks_values());
     assert!(RefaDynamic::default().compute(&unchecked).is_ok());
 }
@@ -168,20 +450,72 @@ fn invalid_values_in_masked_slots_or_with_checks_off_are_accepted() {
 fn missing_inputs_name_the_loss_the_input_and_the_builder() {
     let b = batch();
     let err = Dpo::default().compute(&b).unwrap_err();
-    assert!(matches!(err, RefaError::MissingInput { loss: "Dpo", input: "ref_logp_sum", method: "with_reference" }), "{err}");
+    assert!(
+        matches!(
+            err,
+            RefaError::MissingInput {
+                loss: "Dpo",
+                input: "ref_logp_sum",
+                method: "with_reference"
+            }
+        ),
+        "{err}"
+    );
     assert!(message(&err).contains("PreferenceBatch::with_reference"));
-    assert!(matches!(Mpo::default().compute(&b), Err(RefaError::MissingInput { loss: "Mpo", .. })));
-    assert!(matches!(InfoNca::original().compute(&b), Err(RefaError::MissingInput { loss: "InfoNca", .. })));
+    assert!(matches!(
+        Mpo::default().compute(&b),
+        Err(RefaError::MissingInput { loss: "Mpo", .. })
+    ));
+    assert!(matches!(
+        InfoNca::original().compute(&b),
+        Err(RefaError::MissingInput {
+            loss: "InfoNca",
+            ..
+        })
+    ));
 
     let err = EosRegularizer::default().compute(&b).unwrap_err();
-    assert!(matches!(err, RefaError::MissingInput { method: "with_eos", .. }), "{err}");
-    let err = RefaDynamic::default().with_regularizer(EosRegularizer::default()).compute(&b).unwrap_err();
-    assert!(matches!(err, RefaError::MissingInput { method: "with_eos", .. }), "{err}");
+    assert!(
+        matches!(
+            err,
+            RefaError::MissingInput {
+                method: "with_eos",
+                ..
+            }
+        ),
+        "{err}"
+    );
+    let err = RefaDynamic::default()
+        .with_regularizer(EosRegularizer::default())
+        .compute(&b)
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            RefaError::MissingInput {
+                method: "with_eos",
+                ..
+            }
+        ),
+        "{err}"
+    );
 
     let with_eos = batch().with_eos(&logp(), &logp().lt(0.0)).expect("eos");
-    let budgeted = EosRegularizer { lambda: 1.0, mode: EosMode::Budgeted { budget: 3 } };
+    let budgeted = EosRegularizer {
+        lambda: 1.0,
+        mode: EosMode::Budgeted { budget: 3 },
+    };
     let err = budgeted.compute(&with_eos).unwrap_err();
-    assert!(matches!(err, RefaError::MissingInput { method: "with_eos_steps", .. }), "{err}");
+    assert!(
+        matches!(
+            err,
+            RefaError::MissingInput {
+                method: "with_eos_steps",
+                ..
+            }
+        ),
+        "{err}"
+    );
 }
 
 #[test]
@@ -189,8 +523,22 @@ fn an_overflowing_loss_is_an_error_not_a_nan() {
     // Finite rewards whose squared deviation overflows f64: α·d is infinite.
     let huge = t(&[[1e200, -1e200, 0.0], [2.0, 7.0, 4.0]]);
     let b = PreferenceBatch::new(&logp(), &lengths(), &huge).expect("batch");
-    let err = RefaDynamic { alpha: 1.0, ..Default::default() }.compute(&b).unwrap_err();
-    assert!(matches!(err, RefaError::NonFiniteLoss { loss: "RefaDynamic", .. }), "{err}");
+    let err = RefaDynamic {
+        alpha: 1.0,
+        ..Default::default()
+    }
+    .compute(&b)
+    .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            RefaError::NonFiniteLoss {
+                loss: "RefaDynamic",
+                ..
+            }
+        ),
+        "{err}"
+    );
 }
 
 #[test]
@@ -199,11 +547,16 @@ fn degenerate_batches_give_a_zero_loss_that_backpropagates() {
     let logp_sum = logp().set_requires_grad(true);
     let rewards = t(&[[3.0, 3.0, 3.0], [1.0, 2.0, 3.0]]);
     let mask = Tensor::from_slice2(&[[true, true, true], [false, true, false]]);
-    let b = PreferenceBatch::new(&logp_sum, &lengths(), &rewards).and_then(|b| b.with_mask(&mask)).expect("batch");
+    let b = PreferenceBatch::new(&logp_sum, &lengths(), &rewards)
+        .and_then(|b| b.with_mask(&mask))
+        .expect("batch");
     let output = RefaDynamic::default().compute(&b).expect("loss");
     assert_eq!(output.loss.double_value(&[]), 0.0);
     output.loss.backward();
-    assert_eq!(logp_sum.grad().abs().sum(Kind::Double).double_value(&[]), 0.0);
+    assert_eq!(
+        logp_sum.grad().abs().sum(Kind::Double).double_value(&[]),
+        0.0
+    );
     let summary = output.metrics.summary().expect("metrics");
     assert_eq!((summary.prompts_used, summary.prompts_skipped), (0, 2));
     assert_eq!(summary.margin, None);
@@ -215,12 +568,31 @@ fn degenerate_batches_give_a_zero_loss_that_backpropagates() {
         let eos_batch = PreferenceBatch::new(&empty, &empty.ones_like(), &empty)
             .and_then(|b| b.with_eos(&empty, &empty.gt(0.0)))
             .expect("empty batch with EOS");
-        for mode in [EosMode::TargetLength(TargetLength::PromptLongest), EosMode::TargetLength(TargetLength::BatchLongest)] {
+        for mode in [
+            EosMode::TargetLength(TargetLength::PromptLongest),
+            EosMode::TargetLength(TargetLength::BatchLongest),
+        ] {
             let regularizer = EosRegularizer { lambda: 1.0, mode };
-            assert_eq!(regularizer.compute(&eos_batch).expect("loss").loss.double_value(&[]), 0.0, "{shape:?}");
+            assert_eq!(
+                regularizer
+                    .compute(&eos_batch)
+                    .expect("loss")
+                    .loss
+                    .double_value(&[]),
+                0.0,
+                "{shape:?}"
+            );
         }
-        for loss in [&RefaDynamic::default() as &dyn PreferenceLoss, &InfoNca::default(), &RefaOneVsAll::default()] {
-            assert_eq!(loss.compute(&b).expect("loss").loss.double_value(&[]), 0.0, "{shape:?}");
+        for loss in [
+            &RefaDynamic::default() as &dyn PreferenceLoss,
+            &InfoNca::default(),
+            &RefaOneVsAll::default(),
+        ] {
+            assert_eq!(
+                loss.compute(&b).expect("loss").loss.double_value(&[]),
+                0.0,
+                "{shape:?}"
+            );
         }
     }
 }

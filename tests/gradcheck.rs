@@ -23,7 +23,13 @@ enum Leaf {
 }
 
 fn batch_with(t: &Tensors, leaf: Leaf, replacement: &Tensor) -> PreferenceBatch {
-    let pick = |l: Leaf, own: &Tensor| if l == leaf { replacement.shallow_clone() } else { own.detach() };
+    let pick = |l: Leaf, own: &Tensor| {
+        if l == leaf {
+            replacement.shallow_clone()
+        } else {
+            own.detach()
+        }
+    };
     let logp = pick(Leaf::LogpSum, &t.logp_sum);
     let reference = pick(Leaf::RefLogpSum, &t.ref_logp_sum);
     let eos = pick(Leaf::EosLogp, &t.eos_logp);
@@ -42,7 +48,11 @@ fn numeric_gradient(case: &Case, t: &Tensors, leaf: Leaf, source: &Tensor, index
         let shifted = flat.copy();
         let _ = shifted.get(index as i64).g_add_scalar_(delta);
         let batch = batch_with(t, leaf, &shifted.view(source.size().as_slice()));
-        case.loss.compute(&batch).expect("loss").loss.double_value(&[])
+        case.loss
+            .compute(&batch)
+            .expect("loss")
+            .loss
+            .double_value(&[])
     };
     (at(STEP) - at(-STEP)) / (2.0 * STEP)
 }
@@ -53,7 +63,12 @@ fn autograd_matches_central_differences_for_every_loss() {
     let mut worst = 0.0f64;
     for seed in 0..12 {
         let mut rng = rng(500 + seed);
-        let spec = BatchSpec { max_prompts: 3, max_slots: 5, max_steps: 5, ..Default::default() };
+        let spec = BatchSpec {
+            max_prompts: 3,
+            max_slots: 5,
+            max_steps: 5,
+            ..Default::default()
+        };
         let batch = random_batch(&mut rng, spec);
         let t = Tensors::new(&batch);
         for case in all_cases(&mut rng) {
@@ -67,7 +82,11 @@ fn autograd_matches_central_differences_for_every_loss() {
                 (Leaf::EosSteps, &t.steps),
             ] {
                 let grad = source.grad();
-                let analytic = if grad.defined() { values(&grad) } else { vec![0.0; source.numel()] };
+                let analytic = if grad.defined() {
+                    values(&grad)
+                } else {
+                    vec![0.0; source.numel()]
+                };
                 let valid = values(&valid_mask(&t, leaf));
                 for (i, &a) in analytic.iter().enumerate() {
                     if valid[i] == 0.0 {
@@ -91,7 +110,11 @@ fn autograd_matches_central_differences_for_every_loss() {
 
 fn valid_mask(t: &Tensors, leaf: Leaf) -> Tensor {
     match leaf {
-        Leaf::EosSteps => t.mask.unsqueeze(-1).logical_and(&t.step_mask).to_kind(Kind::Double),
+        Leaf::EosSteps => t
+            .mask
+            .unsqueeze(-1)
+            .logical_and(&t.step_mask)
+            .to_kind(Kind::Double),
         _ => t.mask.to_kind(Kind::Double),
     }
 }

@@ -41,10 +41,29 @@ fn half_precision_inputs_compute_in_f32_with_gradients_in_their_kind() {
                 }
                 // The same rounded inputs, in f64.
                 let rounded = |x: &Tensor| x.detach().to_kind(kind).to_kind(Kind::Double);
-                let exact = Tensors { logp_sum: rounded(&t.logp_sum), ref_logp_sum: rounded(&t.ref_logp_sum), eos_logp: rounded(&t.eos_logp), steps: rounded(&t.steps), lengths: t.lengths.shallow_clone(), rewards: t.rewards.shallow_clone(), mask: t.mask.shallow_clone(), eos_mask: t.eos_mask.shallow_clone(), step_mask: t.step_mask.shallow_clone() };
-                let expected = case.loss.compute(&exact.batch()).expect("f64 loss").loss.double_value(&[]);
+                let exact = Tensors {
+                    logp_sum: rounded(&t.logp_sum),
+                    ref_logp_sum: rounded(&t.ref_logp_sum),
+                    eos_logp: rounded(&t.eos_logp),
+                    steps: rounded(&t.steps),
+                    lengths: t.lengths.shallow_clone(),
+                    rewards: t.rewards.shallow_clone(),
+                    mask: t.mask.shallow_clone(),
+                    eos_mask: t.eos_mask.shallow_clone(),
+                    step_mask: t.step_mask.shallow_clone(),
+                };
+                let expected = case
+                    .loss
+                    .compute(&exact.batch())
+                    .expect("f64 loss")
+                    .loss
+                    .double_value(&[]);
                 let got = output.loss.double_value(&[]);
-                assert!(close(got, expected, 1e-4, 1e-4), "{kind:?} seed {seed} {}: {got} vs {expected}", case.label);
+                assert!(
+                    close(got, expected, 1e-4, 1e-4),
+                    "{kind:?} seed {seed} {}: {got} vs {expected}",
+                    case.label
+                );
             }
         }
     }
@@ -80,13 +99,33 @@ fn cuda_results_match_cpu_and_stay_on_the_gpu() {
             out.loss.backward();
             let (a, b) = (out.loss.double_value(&[]), cpu.loss.double_value(&[]));
             worst = worst.max((a - b).abs());
-            assert!(close(a, b, 1e-10, 1e-10), "seed {seed} {}: gpu {a} vs cpu {b}", case.label);
-            let grad_of = |x: &Tensor| if x.grad().defined() { values(&x.grad()) } else { vec![0.0; x.numel()] };
+            assert!(
+                close(a, b, 1e-10, 1e-10),
+                "seed {seed} {}: gpu {a} vs cpu {b}",
+                case.label
+            );
+            let grad_of = |x: &Tensor| {
+                if x.grad().defined() {
+                    values(&x.grad())
+                } else {
+                    vec![0.0; x.numel()]
+                }
+            };
             for (g, c) in grad_of(&leaf).iter().zip(grad_of(&t.logp_sum)) {
-                assert!(close(*g, c, 1e-12, 1e-10), "seed {seed} {}: gradient {g} vs {c}", case.label);
+                assert!(
+                    close(*g, c, 1e-12, 1e-10),
+                    "seed {seed} {}: gradient {g} vs {c}",
+                    case.label
+                );
             }
             let (bf16, _) = converted(&t, Kind::BFloat16, gpu);
-            assert!(case.loss.compute(&bf16).expect("bf16 gpu loss").loss.double_value(&[]).is_finite());
+            assert!(case
+                .loss
+                .compute(&bf16)
+                .expect("bf16 gpu loss")
+                .loss
+                .double_value(&[])
+                .is_finite());
         }
     }
     println!("CUDA vs CPU in f64: largest difference {worst:e}");

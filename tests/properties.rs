@@ -5,15 +5,18 @@
 use proptest::prelude::*;
 use proptest::test_runner::Config;
 use refa_loss::{
-    DeviationMode, Dpo, EosMode, EosRegularizer, InfoNca, InfoNcaVariant, Mpo, PreferenceBatch, PreferenceLoss,
-    RefaDynamic, RefaOneVsAll, SimPo, TargetLength,
+    DeviationMode, Dpo, EosMode, EosRegularizer, InfoNca, InfoNcaVariant, Mpo, PreferenceBatch,
+    PreferenceLoss, RefaDynamic, RefaOneVsAll, SimPo, TargetLength,
 };
 use tch::{Kind, Tensor};
 
 const CASES: u32 = 256;
 
 fn config() -> Config {
-    Config { cases: CASES, ..Config::default() }
+    Config {
+        cases: CASES,
+        ..Config::default()
+    }
 }
 
 fn row(values: &[f64]) -> Tensor {
@@ -25,7 +28,12 @@ fn read(t: &Tensor) -> Vec<f64> {
 }
 
 /// One prompt: loss value and gradient with respect to its `[K]` log-probability sums.
-fn loss_and_grad(loss: &impl PreferenceLoss, logp: &[f64], lengths: &[f64], rewards: &[f64]) -> (f64, Vec<f64>) {
+fn loss_and_grad(
+    loss: &impl PreferenceLoss,
+    logp: &[f64],
+    lengths: &[f64],
+    rewards: &[f64],
+) -> (f64, Vec<f64>) {
     let logp_sum = row(logp).set_requires_grad(true);
     let batch = PreferenceBatch::new(&logp_sum, &row(lengths), &row(rewards)).expect("batch");
     let output = loss.compute(&batch).expect("loss");
@@ -322,12 +330,25 @@ proptest! {
 fn normalized_losses() -> Vec<Box<dyn PreferenceLoss>> {
     vec![
         Box::new(RefaDynamic::default()),
-        Box::new(RefaDynamic { deviation: DeviationMode::Signed, power: 1.0, ..Default::default() }),
+        Box::new(RefaDynamic {
+            deviation: DeviationMode::Signed,
+            power: 1.0,
+            ..Default::default()
+        }),
         Box::new(RefaOneVsAll::default()),
         Box::new(InfoNca::default()),
-        Box::new(InfoNca { variant: InfoNcaVariant::PositivesOnly, ..Default::default() }),
-        Box::new(InfoNca { variant: InfoNcaVariant::OneVsAll, ..Default::default() }),
-        Box::new(SimPo { sft_weight: 0.0, ..Default::default() }),
+        Box::new(InfoNca {
+            variant: InfoNcaVariant::PositivesOnly,
+            ..Default::default()
+        }),
+        Box::new(InfoNca {
+            variant: InfoNcaVariant::OneVsAll,
+            ..Default::default()
+        }),
+        Box::new(SimPo {
+            sft_weight: 0.0,
+            ..Default::default()
+        }),
     ]
 }
 
@@ -336,11 +357,20 @@ fn reference_losses() -> Vec<Box<dyn PreferenceLoss>> {
     vec![
         Box::new(Dpo::default()),
         Box::new(Mpo::default()),
-        Box::new(InfoNca { tau: 1.0, ..InfoNca::original() }),
+        Box::new(InfoNca {
+            tau: 1.0,
+            ..InfoNca::original()
+        }),
     ]
 }
 
-fn reference_loss(loss: &impl PreferenceLoss, logp: &[f64], reference: &[f64], lengths: &[f64], rewards: &[f64]) -> f64 {
+fn reference_loss(
+    loss: &impl PreferenceLoss,
+    logp: &[f64],
+    reference: &[f64],
+    lengths: &[f64],
+    rewards: &[f64],
+) -> f64 {
     let batch = PreferenceBatch::new(&row(logp), &row(lengths), &row(rewards))
         .and_then(|b| b.with_reference(&row(reference)))
         .expect("batch");
@@ -349,7 +379,13 @@ fn reference_loss(loss: &impl PreferenceLoss, logp: &[f64], reference: &[f64], l
 
 /// The prompt as row 0 of a batch with `pad_slots` masked NaN slots and `pad_prompts` extra
 /// prompts (alternately fully masked and all-equal rewards).
-fn padded_loss(loss: &impl PreferenceLoss, s: &[f64], rewards: &[f64], pad_slots: usize, pad_prompts: usize) -> (f64, Vec<f64>) {
+fn padded_loss(
+    loss: &impl PreferenceLoss,
+    s: &[f64],
+    rewards: &[f64],
+    pad_slots: usize,
+    pad_prompts: usize,
+) -> (f64, Vec<f64>) {
     let k = s.len();
     let width = k + pad_slots;
     let rows = 1 + pad_prompts;
@@ -369,14 +405,21 @@ fn padded_loss(loss: &impl PreferenceLoss, s: &[f64], rewards: &[f64], pad_slots
         }
         for i in 0..width {
             let j = p * width + i;
-            (logp[j], lengths[j], rew[j], mask[j]) = (-1.0 - i as f64, 1.0, 4.0, true); // equal rewards
+            (logp[j], lengths[j], rew[j], mask[j]) = (-1.0 - i as f64, 1.0, 4.0, true);
+            // equal rewards
         }
     }
     let shape = [rows as i64, width as i64];
-    let logp_sum = Tensor::from_slice(&logp).view(shape).set_requires_grad(true);
-    let batch = PreferenceBatch::new(&logp_sum, &Tensor::from_slice(&lengths).view(shape), &Tensor::from_slice(&rew).view(shape))
-        .and_then(|b| b.with_mask(&Tensor::from_slice(&mask).view(shape)))
-        .expect("batch");
+    let logp_sum = Tensor::from_slice(&logp)
+        .view(shape)
+        .set_requires_grad(true);
+    let batch = PreferenceBatch::new(
+        &logp_sum,
+        &Tensor::from_slice(&lengths).view(shape),
+        &Tensor::from_slice(&rew).view(shape),
+    )
+    .and_then(|b| b.with_mask(&Tensor::from_slice(&mask).view(shape)))
+    .expect("batch");
     let output = loss.compute(&batch).expect("loss");
     output.loss.backward();
     (output.loss.double_value(&[]), read(&logp_sum.grad()))

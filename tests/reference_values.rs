@@ -20,13 +20,22 @@ fn tensor_losses_match_the_f64_reference() {
         let batch = random_batch(&mut rng, BatchSpec::default());
         let tensors = Tensors::new(&batch);
         for case in all_cases(&mut rng) {
-            let output = case.loss.compute(&tensors.batch()).unwrap_or_else(|e| panic!("{}: {e}", case.label));
+            let output = case
+                .loss
+                .compute(&tensors.batch())
+                .unwrap_or_else(|e| panic!("{}: {e}", case.label));
             let (expected, expected_per_prompt) = (case.reference)(&batch);
             let got = output.loss.double_value(&[]);
             let got_per_prompt = values(&output.per_prompt);
-            for (g, e) in std::iter::once((got, expected)).chain(got_per_prompt.into_iter().zip(expected_per_prompt)) {
+            for (g, e) in std::iter::once((got, expected))
+                .chain(got_per_prompt.into_iter().zip(expected_per_prompt))
+            {
                 worst = worst.max((g - e).abs() / e.abs().max(1.0));
-                assert!(close(g, e, TOLERANCE, TOLERANCE), "seed {seed}, {}: got {g}, reference {e}", case.label);
+                assert!(
+                    close(g, e, TOLERANCE, TOLERANCE),
+                    "seed {seed}, {}: got {g}, reference {e}",
+                    case.label
+                );
             }
             evaluations += 1;
         }
@@ -38,7 +47,13 @@ fn tensor_losses_match_the_f64_reference() {
 fn masked_slots_get_exactly_zero_gradient_and_no_gradient_is_nan() {
     for seed in 0..60 {
         let mut rng = rng(1000 + seed);
-        let batch = random_batch(&mut rng, BatchSpec { mask_rate: 0.4, ..Default::default() });
+        let batch = random_batch(
+            &mut rng,
+            BatchSpec {
+                mask_rate: 0.4,
+                ..Default::default()
+            },
+        );
         let tensors = Tensors::new(&batch);
         let mask = values(&tensors.mask.to_kind(tch::Kind::Double));
         for case in all_cases(&mut rng) {
@@ -53,7 +68,11 @@ fn masked_slots_get_exactly_zero_gradient_and_no_gradient_is_nan() {
                 for (g, m) in values(&grad).iter().zip(&mask) {
                     assert!(g.is_finite(), "seed {seed}, {}: gradient {g}", case.label);
                     if *m == 0.0 {
-                        assert_eq!(*g, 0.0, "seed {seed}, {}: masked slot got gradient", case.label);
+                        assert_eq!(
+                            *g, 0.0,
+                            "seed {seed}, {}: masked slot got gradient",
+                            case.label
+                        );
                     }
                 }
             }

@@ -2,7 +2,8 @@
 #![allow(dead_code)]
 
 use refa_loss::{
-    Dpo, EosRegularizer, InfoNca, Mpo, PreferenceBatch, PreferenceLoss, RefaDynamic, RefaOneVsAll, SimPo,
+    Dpo, EosRegularizer, InfoNca, Mpo, PreferenceBatch, PreferenceLoss, RefaDynamic, RefaOneVsAll,
+    SimPo,
 };
 use tch::{Device, Kind, Tensor};
 
@@ -32,7 +33,14 @@ impl Inputs {
         let _ = mask.slice(0, 0, prompts, 4).select(1, slots - 1).fill_(0);
         let ref_logp_sum = &logp_sum + Tensor::randn([prompts, slots], options);
         let eos_logp = -Tensor::rand([prompts, slots], options) * 3.0;
-        Inputs { logp_sum, lengths, rewards, mask, ref_logp_sum, eos_logp }
+        Inputs {
+            logp_sum,
+            lengths,
+            rewards,
+            mask,
+            ref_logp_sum,
+            eos_logp,
+        }
     }
 
     /// One forward and backward pass of `loss`, as a trainer runs it.
@@ -53,7 +61,10 @@ impl Inputs {
 pub fn losses() -> Vec<(&'static str, Box<dyn PreferenceLoss>)> {
     vec![
         ("RefaDynamic", Box::new(RefaDynamic::default())),
-        ("RefaDynamic+Eos", Box::new(RefaDynamic::default().with_regularizer(EosRegularizer::default()))),
+        (
+            "RefaDynamic+Eos",
+            Box::new(RefaDynamic::default().with_regularizer(EosRegularizer::default())),
+        ),
         ("RefaOneVsAll", Box::new(RefaOneVsAll::default())),
         ("InfoNca", Box::new(InfoNca::default())),
         ("SimPo", Box::new(SimPo::default())),

@@ -24,7 +24,11 @@ pub(crate) fn scores(
         })?;
         scores = scores - reference;
     }
-    Ok(if length_normalize { scores / batch.lengths() } else { scores })
+    Ok(if length_normalize {
+        scores / batch.lengths()
+    } else {
+        scores
+    })
 }
 
 /// `log Σ_{k ∈ set} exp(x_k)` over each row of `x` `[P, K]`.
@@ -35,7 +39,8 @@ pub(crate) fn scores(
 pub(crate) fn masked_logsumexp(x: &Tensor, set: &Tensor) -> Tensor {
     let nonempty = set.any_dim(1, true);
     let set = set.logical_or(&nonempty.logical_not());
-    x.masked_fill(&set.logical_not(), f64::NEG_INFINITY).logsumexp(1, false)
+    x.masked_fill(&set.logical_not(), f64::NEG_INFINITY)
+        .logsumexp(1, false)
 }
 
 /// `log(1 + exp(x))`, exact in f64 across the whole range and with the exact derivative
@@ -75,26 +80,41 @@ pub(crate) fn finish(
     stats: ContrastStats<'_>,
 ) -> Result<LossOutput> {
     check_finite(loss_name, batch, &loss)?;
-    let metrics = LossMetrics::new(&loss, partition.num_active(), batch.num_prompts(), batch.eos()).with_contrast(
-        ContrastInputs {
-            scores: stats.scores.shallow_clone(),
-            positive: stats.positive.shallow_clone(),
-            negative: stats.negative.shallow_clone(),
-            positive_mass: stats.positive_mass.shallow_clone(),
-            active: partition.active().shallow_clone(),
-            valid: partition.valid().shallow_clone(),
-            best: partition.best().shallow_clone(),
-        },
-    );
-    Ok(LossOutput { loss, per_prompt, metrics })
+    let metrics = LossMetrics::new(
+        &loss,
+        partition.num_active(),
+        batch.num_prompts(),
+        batch.eos(),
+    )
+    .with_contrast(ContrastInputs {
+        scores: stats.scores.shallow_clone(),
+        positive: stats.positive.shallow_clone(),
+        negative: stats.negative.shallow_clone(),
+        positive_mass: stats.positive_mass.shallow_clone(),
+        active: partition.active().shallow_clone(),
+        valid: partition.valid().shallow_clone(),
+        best: partition.best().shallow_clone(),
+    });
+    Ok(LossOutput {
+        loss,
+        per_prompt,
+        metrics,
+    })
 }
 
 /// Errors when value checks are on and `loss` is not finite (one host synchronization).
-pub(crate) fn check_finite(loss_name: &'static str, batch: &PreferenceBatch, loss: &Tensor) -> Result<()> {
+pub(crate) fn check_finite(
+    loss_name: &'static str,
+    batch: &PreferenceBatch,
+    loss: &Tensor,
+) -> Result<()> {
     if batch.checks_values() {
         let value = loss.detach().to_kind(Kind::Double).double_value(&[]);
         if !value.is_finite() {
-            return Err(RefaError::NonFiniteLoss { loss: loss_name, value });
+            return Err(RefaError::NonFiniteLoss {
+                loss: loss_name,
+                value,
+            });
         }
     }
     Ok(())

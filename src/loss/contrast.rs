@@ -14,7 +14,9 @@ use tch::Tensor;
 
 use crate::batch::PreferenceBatch;
 use crate::error::Result;
-use crate::loss::common::{average_over_active, finish, log1p_exp, masked_logsumexp, ContrastStats};
+use crate::loss::common::{
+    average_over_active, finish, log1p_exp, masked_logsumexp, ContrastStats,
+};
 use crate::loss::LossOutput;
 use crate::partition::Partition;
 
@@ -35,8 +37,8 @@ pub(crate) struct SetContrast<'a> {
 impl SetContrast<'_> {
     /// `[P]` loss of every prompt, skipped ones included (their value is discarded).
     fn per_prompt(&self) -> Tensor {
-        let log_ratio =
-            masked_logsumexp(self.logits, self.negative) - masked_logsumexp(self.logits, self.positive);
+        let log_ratio = masked_logsumexp(self.logits, self.negative)
+            - masked_logsumexp(self.logits, self.positive);
         log1p_exp(&(log_ratio + self.log_gamma))
     }
 
@@ -61,12 +63,23 @@ impl SetContrast<'_> {
             negative: self.negative,
             positive_mass: &positive_mass,
         };
-        finish(loss_name, batch, partition, average_over_active(&per_prompt, partition), stats)
+        finish(
+            loss_name,
+            batch,
+            partition,
+            average_over_active(&per_prompt, partition),
+            stats,
+        )
     }
 }
 
 /// `u = β·s + α·d`: the logit of each response. The paper's weight `w = exp(α·d)` multiplies
 /// `exp(β·s)`, so it adds `α·d` in log space (spec §2, DECIDED additive form).
-pub(crate) fn weighted_logits(beta: f64, scores: &Tensor, alpha: f64, deviations: &Tensor) -> Tensor {
+pub(crate) fn weighted_logits(
+    beta: f64,
+    scores: &Tensor,
+    alpha: f64,
+    deviations: &Tensor,
+) -> Tensor {
     scores * beta + deviations * alpha
 }

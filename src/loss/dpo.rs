@@ -26,7 +26,10 @@ pub struct Dpo {
 
 impl Default for Dpo {
     fn default() -> Self {
-        Dpo { beta: 0.1, length_normalize: false }
+        Dpo {
+            beta: 0.1,
+            length_normalize: false,
+        }
     }
 }
 

@@ -66,7 +66,10 @@ pub struct EosRegularizer {
 
 impl Default for EosRegularizer {
     fn default() -> Self {
-        EosRegularizer { lambda: 0.1, mode: EosMode::FinalProbability }
+        EosRegularizer {
+            lambda: 0.1,
+            mode: EosMode::FinalProbability,
+        }
     }
 }
 
@@ -93,7 +96,8 @@ impl EosRegularizer {
             EosMode::FinalLogProbability => -eos_logp,
             EosMode::TargetLength(target) => {
                 let lengths = batch.lengths();
-                let shortfall = (target_lengths(target, &lengths, batch.mask()) - &lengths).clamp_min(0.0);
+                let shortfall =
+                    (target_lengths(target, &lengths, batch.mask()) - &lengths).clamp_min(0.0);
                 eos_logp.exp() * shortfall
             }
             EosMode::Budgeted { budget } => budgeted_terms(batch, budget as f64)?,
@@ -108,18 +112,33 @@ impl PreferenceLoss for EosRegularizer {
 
     fn compute(&self, batch: &PreferenceBatch) -> Result<LossOutput> {
         self.validate()?;
-        let missing = RefaError::MissingInput { loss: self.name(), input: "eos_logp and eos_mask", method: "with_eos" };
+        let missing = RefaError::MissingInput {
+            loss: self.name(),
+            input: "eos_logp and eos_mask",
+            method: "with_eos",
+        };
         let (eos_logp, eos_valid) = batch.eos().ok_or(missing)?;
         // The value checks run with the partition; the regularizer itself needs no partition.
         batch.validate()?;
         let terms = self.response_terms(batch, &eos_logp)? * self.lambda;
-        let per_prompt = terms.where_scalarother(&eos_valid, 0.0).sum_dim_intlist(1, false, None);
+        let per_prompt = terms
+            .where_scalarother(&eos_valid, 0.0)
+            .sum_dim_intlist(1, false, None);
         let used = eos_valid.any_dim(1, false).sum(Kind::Double);
         let kind = per_prompt.kind();
         let loss = per_prompt.sum(kind) / used.clamp_min(1.0).to_kind(kind);
         check_finite(self.name(), batch, &loss)?;
-        let metrics = LossMetrics::new(&loss, used, batch.num_prompts(), Some((eos_logp, eos_valid)));
-        Ok(LossOutput { loss, per_prompt, metrics })
+        let metrics = LossMetrics::new(
+            &loss,
+            used,
+            batch.num_prompts(),
+            Some((eos_logp, eos_valid)),
+        );
+        Ok(LossOutput {
+            loss,
+            per_prompt,
+            metrics,
+        })
     }
 }
 
@@ -128,7 +147,9 @@ fn target_lengths(target: TargetLength, lengths: &Tensor, mask: &Tensor) -> Tens
     let valid_lengths = lengths.where_scalarother(mask, 0.0);
     match target {
         TargetLength::PromptLongest => amax_or_zero(&valid_lengths, &[1], true).expand_as(lengths),
-        TargetLength::BatchLongest => amax_or_zero(&valid_lengths, &[0, 1], true).expand_as(lengths),
+        TargetLength::BatchLongest => {
+            amax_or_zero(&valid_lengths, &[0, 1], true).expand_as(lengths)
+        }
         TargetLength::Fixed(target) => lengths.full_like(target),
     }
 }
@@ -147,8 +168,14 @@ fn budgeted_terms(batch: &PreferenceBatch, budget: f64) -> Result<Tensor> {
     let probability = steps_logp.exp();
     let mean_where = |select: Tensor| {
         let select = select.logical_and(&steps_valid);
-        let count = select.sum_dim_intlist(2, false, Kind::Double).clamp_min(1.0).to_kind(batch.kind());
-        probability.where_scalarother(&select, 0.0).sum_dim_intlist(2, false, None) / count
+        let count = select
+            .sum_dim_intlist(2, false, Kind::Double)
+            .clamp_min(1.0)
+            .to_kind(batch.kind());
+        probability
+            .where_scalarother(&select, 0.0)
+            .sum_dim_intlist(2, false, None)
+            / count
     };
     let early = mean_where(position.lt(budget).expand_as(&steps_valid));
     let late = mean_where(position.gt(budget).expand_as(&steps_valid));

@@ -56,14 +56,26 @@ pub struct InfoNca {
 
 impl Default for InfoNca {
     fn default() -> Self {
-        InfoNca { beta: 3.0, tau: 1.0, variant: InfoNcaVariant::Full, use_reference: false, length_normalize: true }
+        InfoNca {
+            beta: 3.0,
+            tau: 1.0,
+            variant: InfoNcaVariant::Full,
+            use_reference: false,
+            length_normalize: true,
+        }
     }
 }
 
 impl InfoNca {
     /// The original InfoNCA with a reference model: β = 0.01, τ = 1e-4, summed log-ratios.
     pub fn original() -> Self {
-        InfoNca { beta: 0.01, tau: 1e-4, variant: InfoNcaVariant::Full, use_reference: true, length_normalize: false }
+        InfoNca {
+            beta: 0.01,
+            tau: 1e-4,
+            variant: InfoNcaVariant::Full,
+            use_reference: true,
+            length_normalize: false,
+        }
     }
 }
 
@@ -73,27 +85,54 @@ impl PreferenceLoss for InfoNca {
     }
 
     fn compute(&self, batch: &PreferenceBatch) -> Result<LossOutput> {
-        Hyperparameters::of(self.name()).positive("beta", self.beta)?.positive("tau", self.tau)?;
+        Hyperparameters::of(self.name())
+            .positive("beta", self.beta)?
+            .positive("tau", self.tau)?;
         let partition = batch.partition()?;
         let valid = partition.valid();
-        let scores = scores(self.name(), batch, self.length_normalize, self.use_reference)?;
+        let scores = scores(
+            self.name(),
+            batch,
+            self.length_normalize,
+            self.use_reference,
+        )?;
         let logits = &scores * self.beta;
         let log_model = &logits - masked_logsumexp(&logits, valid).unsqueeze(1);
         let target = reward_target(partition.centered_rewards(), valid, self.tau, batch.kind());
         let best = partition.best_one_hot();
         let rest = valid.logical_and(&best.logical_not());
         let (terms, positive, negative) = match self.variant {
-            InfoNcaVariant::Full => (&target * &log_model, partition.positive(), partition.negative()),
+            InfoNcaVariant::Full => (
+                &target * &log_model,
+                partition.positive(),
+                partition.negative(),
+            ),
             InfoNcaVariant::PositivesOnly => {
                 let kept = (&target * &log_model).where_scalarother(partition.positive(), 0.0);
                 (kept, partition.positive(), partition.negative())
             }
             InfoNcaVariant::OneVsAll => (log_model.where_scalarother(&best, 0.0), &best, &rest),
         };
-        let per_prompt = -terms.where_scalarother(valid, 0.0).sum_dim_intlist(1, false, None);
-        let positive_mass = log_model.exp().where_scalarother(positive, 0.0).sum_dim_intlist(1, false, None);
-        let stats = ContrastStats { scores: &scores, positive, negative, positive_mass: &positive_mass };
-        finish(self.name(), batch, partition, average_over_active(&per_prompt, partition), stats)
+        let per_prompt = -terms
+            .where_scalarother(valid, 0.0)
+            .sum_dim_intlist(1, false, None);
+        let positive_mass = log_model
+            .exp()
+            .where_scalarother(positive, 0.0)
+            .sum_dim_intlist(1, false, None);
+        let stats = ContrastStats {
+            scores: &scores,
+            positive,
+            negative,
+            positive_mass: &positive_mass,
+        };
+        finish(
+            self.name(),
+            batch,
+            partition,
+            average_over_active(&per_prompt, partition),
+            stats,
+        )
     }
 }
 

@@ -47,7 +47,10 @@ pub trait PreferenceLoss {
     where
         Self: Sized,
     {
-        Regularized { loss: self, regularizer }
+        Regularized {
+            loss: self,
+            regularizer,
+        }
     }
 }
 

@@ -36,7 +36,13 @@ pub struct Mpo {
 
 impl Default for Mpo {
     fn default() -> Self {
-        Mpo { beta: 0.1, alpha: 0.01, power: 1.0, deviation: DeviationMode::Absolute, length_normalize: false }
+        Mpo {
+            beta: 0.1,
+            alpha: 0.01,
+            power: 1.0,
+            deviation: DeviationMode::Absolute,
+            length_normalize: false,
+        }
     }
 }
 

@@ -28,12 +28,18 @@ impl SumCount {
     /// Sum and count of `values` where `select` (bool, same shape) is true.
     fn of(values: &Tensor, select: &Tensor) -> Self {
         let values = values.to_kind(Kind::Double);
-        SumCount { sum: values.where_scalarother(select, 0.0).sum(Kind::Double), count: select.sum(Kind::Double) }
+        SumCount {
+            sum: values.where_scalarother(select, 0.0).sum(Kind::Double),
+            count: select.sum(Kind::Double),
+        }
     }
 
     fn empty(device: Device) -> Self {
         let zero = Tensor::zeros([], (Kind::Double, device));
-        SumCount { sum: zero.shallow_clone(), count: zero }
+        SumCount {
+            sum: zero.shallow_clone(),
+            count: zero,
+        }
     }
 }
 
@@ -101,7 +107,12 @@ pub struct MetricsSummary {
 impl LossMetrics {
     /// Metrics of `loss` over `prompts_used` of `prompts_total` prompts; `eos` is
     /// `(eos_logp, valid & eos_mask)` when the batch has EOS inputs.
-    pub(crate) fn new(loss: &Tensor, prompts_used: Tensor, prompts_total: i64, eos: Option<(Tensor, Tensor)>) -> Self {
+    pub(crate) fn new(
+        loss: &Tensor,
+        prompts_used: Tensor,
+        prompts_total: i64,
+        eos: Option<(Tensor, Tensor)>,
+    ) -> Self {
         LossMetrics {
             loss: loss.detach().to_kind(Kind::Double),
             prompts_used,
@@ -125,7 +136,10 @@ impl LossMetrics {
     /// Reduces every statistic on the device, copies them to the host at once and forms
     /// the means.
     pub fn summary(&self) -> Result<MetricsSummary> {
-        let mut parts = vec![self.loss.shallow_clone(), self.prompts_used.to_kind(Kind::Double)];
+        let mut parts = vec![
+            self.loss.shallow_clone(),
+            self.prompts_used.to_kind(Kind::Double),
+        ];
         for stat in self.sum_counts() {
             parts.extend([stat.sum, stat.count]);
         }
@@ -158,10 +172,19 @@ impl LossMetrics {
             None => SumCount::empty(device),
         };
         let Some(c) = &self.contrast else {
-            return [SumCount::empty(device), SumCount::empty(device), SumCount::empty(device), SumCount::empty(device), eos];
+            return [
+                SumCount::empty(device),
+                SumCount::empty(device),
+                SumCount::empty(device),
+                SumCount::empty(device),
+                eos,
+            ];
         };
         let active_slots = c.active.unsqueeze(1);
-        let top = first_argmax(&c.scores.masked_fill(&c.valid.logical_not(), f64::NEG_INFINITY));
+        let top = first_argmax(
+            &c.scores
+                .masked_fill(&c.valid.logical_not(), f64::NEG_INFINITY),
+        );
         [
             SumCount::of(&c.scores, &c.positive.logical_and(&active_slots)),
             SumCount::of(&c.scores, &c.negative.logical_and(&active_slots)),

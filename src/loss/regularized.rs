@@ -31,6 +31,10 @@ impl<L: PreferenceLoss> PreferenceLoss for Regularized<L> {
         let mut metrics = main.metrics;
         metrics.loss = loss.detach().to_kind(tch::Kind::Double);
         metrics.regularizer = Some(regularizer.metrics.loss);
-        Ok(LossOutput { loss, per_prompt: main.per_prompt + regularizer.per_prompt, metrics })
+        Ok(LossOutput {
+            loss,
+            per_prompt: main.per_prompt + regularizer.per_prompt,
+            metrics,
+        })
     }
 }

@@ -35,7 +35,12 @@ pub struct SimPo {
 
 impl Default for SimPo {
     fn default() -> Self {
-        SimPo { beta: 2.0, margin: 1.6, sft_weight: 0.0, length_normalize: true }
+        SimPo {
+            beta: 2.0,
+            margin: 1.6,
+            sft_weight: 0.0,
+            length_normalize: true,
+        }
     }
 }
 
@@ -54,7 +59,9 @@ impl PreferenceLoss for SimPo {
         let logits = &scores * self.beta;
         let chosen = partition.best_one_hot();
         let sft = (self.sft_weight > 0.0).then(|| {
-            let chosen_score = scores.where_scalarother(&chosen, 0.0).sum_dim_intlist(1, false, None);
+            let chosen_score = scores
+                .where_scalarother(&chosen, 0.0)
+                .sum_dim_intlist(1, false, None);
             chosen_score * (-self.sft_weight)
         });
         SetContrast {

@@ -6,8 +6,8 @@ pub mod reference;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use refa_loss::{
-    DeviationMode, Dpo, EosMode, EosRegularizer, InfoNca, InfoNcaVariant, Mpo, PreferenceBatch, PreferenceLoss,
-    RefaDynamic, RefaOneVsAll, SimPo, TargetLength,
+    DeviationMode, Dpo, EosMode, EosRegularizer, InfoNca, InfoNcaVariant, Mpo, PreferenceBatch,
+    PreferenceLoss, RefaDynamic, RefaOneVsAll, SimPo, TargetLength,
 };
 use reference::{DynamicParams, InfoNcaParams, RefBatch, RefPrompt};
 use tch::{Kind, Tensor};
@@ -31,7 +31,13 @@ pub struct BatchSpec {
 
 impl Default for BatchSpec {
     fn default() -> Self {
-        BatchSpec { max_prompts: 6, max_slots: 7, max_steps: 9, mask_rate: 0.2, tie_rate: 0.15 }
+        BatchSpec {
+            max_prompts: 6,
+            max_slots: 7,
+            max_steps: 9,
+            mask_rate: 0.2,
+            tie_rate: 0.15,
+        }
     }
 }
 
@@ -58,18 +64,36 @@ fn random_prompt(rng: &mut impl Rng, k: usize, t: usize, spec: BatchSpec) -> Ref
         })
         .collect();
     let lengths: Vec<f64> = (0..k).map(|_| rng.gen_range(1..=60) as f64).collect();
-    let logp = lengths.iter().map(|&len| -len * rng.gen_range(0.1..3.0)).collect();
-    let reference = lengths.iter().map(|&len| -len * rng.gen_range(0.1..3.0)).collect();
+    let logp = lengths
+        .iter()
+        .map(|&len| -len * rng.gen_range(0.1..3.0))
+        .collect();
+    let reference = lengths
+        .iter()
+        .map(|&len| -len * rng.gen_range(0.1..3.0))
+        .collect();
     let eos_logp = (0..k).map(|_| rng.gen_range(-6.0..-0.01)).collect();
     let eos_mask = (0..k).map(|_| rng.gen_bool(0.8)).collect();
-    let steps = (0..k).map(|_| (0..t).map(|_| rng.gen_range(-9.0..-0.01)).collect()).collect();
+    let steps = (0..k)
+        .map(|_| (0..t).map(|_| rng.gen_range(-9.0..-0.01)).collect())
+        .collect();
     let step_mask = (0..k)
         .map(|_| {
             let n = rng.gen_range(0..=t);
             (0..t).map(|i| i < n).collect()
         })
         .collect();
-    let mut prompt = RefPrompt { logp, lengths, rewards, valid, reference, eos_logp, eos_mask, steps, step_mask };
+    let mut prompt = RefPrompt {
+        logp,
+        lengths,
+        rewards,
+        valid,
+        reference,
+        eos_logp,
+        eos_mask,
+        steps,
+        step_mask,
+    };
     poison_masked_slots(&mut prompt);
     prompt
 }
@@ -123,8 +147,16 @@ impl Tensors {
     pub fn new(b: &RefBatch) -> Self {
         let (p, k) = dims(b);
         let t = b.prompts[0].steps[0].len() as i64;
-        let steps: Vec<f64> = b.prompts.iter().flat_map(|x| x.steps.iter().flatten().copied()).collect();
-        let step_mask: Vec<bool> = b.prompts.iter().flat_map(|x| x.step_mask.iter().flatten().copied()).collect();
+        let steps: Vec<f64> = b
+            .prompts
+            .iter()
+            .flat_map(|x| x.steps.iter().flatten().copied())
+            .collect();
+        let step_mask: Vec<bool> = b
+            .prompts
+            .iter()
+            .flat_map(|x| x.step_mask.iter().flatten().copied())
+            .collect();
         Tensors {
             logp_sum: table(b, |x| &x.logp).set_requires_grad(true),
             lengths: table(b, |x| &x.lengths),
@@ -133,7 +165,9 @@ impl Tensors {
             ref_logp_sum: table(b, |x| &x.reference).set_requires_grad(true),
             eos_logp: table(b, |x| &x.eos_logp).set_requires_grad(true),
             eos_mask: flags(b, |x| &x.eos_mask),
-            steps: Tensor::from_slice(&steps).view([p as i64, k as i64, t]).set_requires_grad(true),
+            steps: Tensor::from_slice(&steps)
+                .view([p as i64, k as i64, t])
+                .set_requires_grad(true),
             step_mask: Tensor::from_slice(&step_mask).view([p as i64, k as i64, t]),
         }
     }
@@ -149,7 +183,12 @@ impl Tensors {
     }
 
     pub fn zero_grads(&self) {
-        for t in [&self.logp_sum, &self.ref_logp_sum, &self.eos_logp, &self.steps] {
+        for t in [
+            &self.logp_sum,
+            &self.ref_logp_sum,
+            &self.eos_logp,
+            &self.steps,
+        ] {
             let mut g = t.grad();
             if g.defined() {
                 let _ = g.zero_();
@@ -165,8 +204,16 @@ pub struct Case {
     pub reference: Box<dyn Fn(&RefBatch) -> (f64, Vec<f64>)>,
 }
 
-fn case(label: impl Into<String>, loss: impl PreferenceLoss + 'static, reference: impl Fn(&RefBatch) -> (f64, Vec<f64>) + 'static) -> Case {
-    Case { label: label.into(), loss: Box::new(loss), reference: Box::new(reference) }
+fn case(
+    label: impl Into<String>,
+    loss: impl PreferenceLoss + 'static,
+    reference: impl Fn(&RefBatch) -> (f64, Vec<f64>) + 'static,
+) -> Case {
+    Case {
+        label: label.into(),
+        loss: Box::new(loss),
+        reference: Box::new(reference),
+    }
 }
 
 /// Every loss, every variant and every regularizer mode, with randomized hyperparameters.
@@ -174,44 +221,130 @@ pub fn all_cases(rng: &mut impl Rng) -> Vec<Case> {
     let mut cases = Vec::new();
     for mode in [DeviationMode::Absolute, DeviationMode::Signed] {
         for normalize in [true, false] {
-            let (beta, gamma, alpha, power) =
-                (rng.gen_range(0.5..5.0), rng.gen_range(0.3..3.0), rng.gen_range(0.0..0.5), [1.0, 2.0][rng.gen_range(0..2)]);
-            let params = move || DynamicParams { beta, gamma, alpha, power, mode, normalize };
-            let dynamic = RefaDynamic { beta, gamma, alpha, power, deviation: mode, length_normalize: normalize };
-            cases.push(case(format!("{dynamic:?}"), dynamic, move |b| reference::refa_dynamic(b, &params())));
-            let one = RefaOneVsAll { beta, gamma, alpha, power, deviation: mode, length_normalize: normalize };
-            cases.push(case(format!("{one:?}"), one, move |b| reference::refa_one_vs_all(b, &params())));
+            let (beta, gamma, alpha, power) = (
+                rng.gen_range(0.5..5.0),
+                rng.gen_range(0.3..3.0),
+                rng.gen_range(0.0..0.5),
+                [1.0, 2.0][rng.gen_range(0..2)],
+            );
+            let params = move || DynamicParams {
+                beta,
+                gamma,
+                alpha,
+                power,
+                mode,
+                normalize,
+            };
+            let dynamic = RefaDynamic {
+                beta,
+                gamma,
+                alpha,
+                power,
+                deviation: mode,
+                length_normalize: normalize,
+            };
+            cases.push(case(format!("{dynamic:?}"), dynamic, move |b| {
+                reference::refa_dynamic(b, &params())
+            }));
+            let one = RefaOneVsAll {
+                beta,
+                gamma,
+                alpha,
+                power,
+                deviation: mode,
+                length_normalize: normalize,
+            };
+            cases.push(case(format!("{one:?}"), one, move |b| {
+                reference::refa_one_vs_all(b, &params())
+            }));
         }
     }
-    for variant in [InfoNcaVariant::Full, InfoNcaVariant::PositivesOnly, InfoNcaVariant::OneVsAll] {
+    for variant in [
+        InfoNcaVariant::Full,
+        InfoNcaVariant::PositivesOnly,
+        InfoNcaVariant::OneVsAll,
+    ] {
         for use_reference in [false, true] {
             let (beta, tau) = (rng.gen_range(0.05..4.0), rng.gen_range(0.2..3.0));
             let normalize = !use_reference;
-            let loss = InfoNca { beta, tau, variant, use_reference, length_normalize: normalize };
-            let params = InfoNcaParams { beta, tau, variant, reference: use_reference, normalize };
-            cases.push(case(format!("{loss:?}"), loss, move |b| reference::info_nca(b, &params)));
+            let loss = InfoNca {
+                beta,
+                tau,
+                variant,
+                use_reference,
+                length_normalize: normalize,
+            };
+            let params = InfoNcaParams {
+                beta,
+                tau,
+                variant,
+                reference: use_reference,
+                normalize,
+            };
+            cases.push(case(format!("{loss:?}"), loss, move |b| {
+                reference::info_nca(b, &params)
+            }));
         }
     }
-    let simpo = SimPo { beta: rng.gen_range(0.5..4.0), margin: rng.gen_range(-1.0..2.0), sft_weight: rng.gen_range(0.0..1.0), length_normalize: true };
-    cases.push(case(format!("{simpo:?}"), simpo, move |b| reference::simpo(b, simpo.beta, simpo.margin, simpo.sft_weight)));
-    let dpo = Dpo { beta: rng.gen_range(0.01..1.0), length_normalize: false };
-    cases.push(case(format!("{dpo:?}"), dpo, move |b| reference::dpo(b, dpo.beta)));
+    let simpo = SimPo {
+        beta: rng.gen_range(0.5..4.0),
+        margin: rng.gen_range(-1.0..2.0),
+        sft_weight: rng.gen_range(0.0..1.0),
+        length_normalize: true,
+    };
+    cases.push(case(format!("{simpo:?}"), simpo, move |b| {
+        reference::simpo(b, simpo.beta, simpo.margin, simpo.sft_weight)
+    }));
+    let dpo = Dpo {
+        beta: rng.gen_range(0.01..1.0),
+        length_normalize: false,
+    };
+    cases.push(case(format!("{dpo:?}"), dpo, move |b| {
+        reference::dpo(b, dpo.beta)
+    }));
     for deviation in [DeviationMode::Absolute, DeviationMode::Signed] {
-        let mpo = Mpo { beta: rng.gen_range(0.01..1.0), alpha: rng.gen_range(0.0..0.5), power: 1.0, deviation, length_normalize: false };
-        cases.push(case(format!("{mpo:?}"), mpo, move |b| reference::mpo(b, mpo.beta, mpo.alpha, mpo.power, mpo.deviation)));
+        let mpo = Mpo {
+            beta: rng.gen_range(0.01..1.0),
+            alpha: rng.gen_range(0.0..0.5),
+            power: 1.0,
+            deviation,
+            length_normalize: false,
+        };
+        cases.push(case(format!("{mpo:?}"), mpo, move |b| {
+            reference::mpo(b, mpo.beta, mpo.alpha, mpo.power, mpo.deviation)
+        }));
     }
     for mode in eos_modes(rng) {
-        let eos = EosRegularizer { lambda: rng.gen_range(0.0..2.0), mode };
-        cases.push(case(format!("{eos:?}"), eos, move |b| reference::eos(b, eos.lambda, eos.mode)));
+        let eos = EosRegularizer {
+            lambda: rng.gen_range(0.0..2.0),
+            mode,
+        };
+        cases.push(case(format!("{eos:?}"), eos, move |b| {
+            reference::eos(b, eos.lambda, eos.mode)
+        }));
     }
     let dynamic = RefaDynamic::default();
-    let eos = EosRegularizer { lambda: 0.3, mode: EosMode::FinalProbability };
-    let params = || DynamicParams { beta: 3.0, gamma: 2.0, alpha: 0.01, power: 2.0, mode: DeviationMode::Absolute, normalize: true };
-    cases.push(case("RefaDynamic + EosRegularizer", dynamic.with_regularizer(eos), move |b| {
-        let (l, pl) = reference::refa_dynamic(b, &params());
-        let (r, pr) = reference::eos(b, 0.3, EosMode::FinalProbability);
-        (l + r, pl.iter().zip(&pr).map(|(a, b)| a + b).collect())
-    }));
+    let eos = EosRegularizer {
+        lambda: 0.3,
+        mode: EosMode::FinalProbability,
+    };
+    let params = || DynamicParams {
+        beta: 3.0,
+        gamma: 2.0,
+        alpha: 0.01,
+        power: 2.0,
+        mode: DeviationMode::Absolute,
+        normalize: true,
+    };
+    cases.push(case(
+        "RefaDynamic + EosRegularizer",
+        dynamic.with_regularizer(eos),
+        move |b| {
+            let (l, pl) = reference::refa_dynamic(b, &params());
+            let (r, pr) = reference::eos(b, 0.3, EosMode::FinalProbability);
+            (l + r, pl.iter().zip(&pr).map(|(a, b)| a + b).collect())
+        },
+    ));
     cases
 }
 
@@ -222,7 +355,9 @@ pub fn eos_modes(rng: &mut impl Rng) -> Vec<EosMode> {
         EosMode::TargetLength(TargetLength::PromptLongest),
         EosMode::TargetLength(TargetLength::BatchLongest),
         EosMode::TargetLength(TargetLength::Fixed(rng.gen_range(1.0..80.0))),
-        EosMode::Budgeted { budget: rng.gen_range(1..8) },
+        EosMode::Budgeted {
+            budget: rng.gen_range(1..8),
+        },
     ]
 }
 

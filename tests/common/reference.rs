@@ -55,9 +55,19 @@ pub struct RefPartition {
 pub fn partition(p: &RefPrompt) -> RefPartition {
     let slots: Vec<usize> = (0..p.valid.len()).filter(|&k| p.valid[k]).collect();
     let n = slots.len() as f64;
-    let mean = if slots.is_empty() { 0.0 } else { slots.iter().map(|&k| p.rewards[k]).sum::<f64>() / n };
-    let scale = slots.iter().map(|&k| p.rewards[k].abs()).fold(0.0, f64::max);
-    let positive: Vec<bool> = slots.iter().map(|&k| p.rewards[k] - mean > 1e-9 * scale).collect();
+    let mean = if slots.is_empty() {
+        0.0
+    } else {
+        slots.iter().map(|&k| p.rewards[k]).sum::<f64>() / n
+    };
+    let scale = slots
+        .iter()
+        .map(|&k| p.rewards[k].abs())
+        .fold(0.0, f64::max);
+    let positive: Vec<bool> = slots
+        .iter()
+        .map(|&k| p.rewards[k] - mean > 1e-9 * scale)
+        .collect();
     let active = slots.len() >= 2 && positive.iter().any(|&x| x);
     let mut best = slots.first().copied().unwrap_or(0);
     let mut worst = best;
@@ -69,20 +79,33 @@ pub fn partition(p: &RefPrompt) -> RefPartition {
             worst = k;
         }
     }
-    RefPartition { slots, positive, mean, active, best, worst }
+    RefPartition {
+        slots,
+        positive,
+        mean,
+        active,
+        best,
+        worst,
+    }
 }
 
 fn deviation(r: f64, mean: f64, power: f64, mode: DeviationMode) -> f64 {
     let magnitude = (r - mean).abs().powf(power);
     match mode {
         DeviationMode::Absolute => magnitude,
-        DeviationMode::Signed => magnitude * (r - mean).signum() * if r == mean { 0.0 } else { 1.0 },
+        DeviationMode::Signed => {
+            magnitude * (r - mean).signum() * if r == mean { 0.0 } else { 1.0 }
+        }
     }
 }
 
 /// Score of slot k: log-probability (minus reference), optionally per token.
 fn score(p: &RefPrompt, k: usize, normalize: bool, reference: bool) -> f64 {
-    let logp = if reference { p.logp[k] - p.reference[k] } else { p.logp[k] };
+    let logp = if reference {
+        p.logp[k] - p.reference[k]
+    } else {
+        p.logp[k]
+    };
     if normalize {
         logp / p.lengths[k]
     } else {
@@ -117,7 +140,10 @@ fn logits(
 ) -> Vec<f64> {
     part.slots
         .iter()
-        .map(|&k| beta * score(p, k, normalize, reference) + alpha * deviation(p.rewards[k], part.mean, power, mode))
+        .map(|&k| {
+            beta * score(p, k, normalize, reference)
+                + alpha * deviation(p.rewards[k], part.mean, power, mode)
+        })
         .collect()
 }
 
@@ -137,7 +163,16 @@ pub fn refa_dynamic(b: &RefBatch, c: &DynamicParams) -> (f64, Vec<f64>) {
             .map(|p| {
                 let part = partition(p);
                 part.active.then(|| {
-                    let u = logits(p, &part, c.beta, c.alpha, c.power, c.mode, c.normalize, false);
+                    let u = logits(
+                        p,
+                        &part,
+                        c.beta,
+                        c.alpha,
+                        c.power,
+                        c.mode,
+                        c.normalize,
+                        false,
+                    );
                     let (pos, neg) = split(&u, &part.positive);
                     // Literal form −log(P+/(P+ + γP−)), exact where nothing overflows.
                     let (pp, pn) = (sum_exp(&pos), sum_exp(&neg));
@@ -159,7 +194,16 @@ pub fn refa_one_vs_all(b: &RefBatch, c: &DynamicParams) -> (f64, Vec<f64>) {
             .map(|p| {
                 let part = partition(p);
                 part.active.then(|| {
-                    let u = logits(p, &part, c.beta, c.alpha, c.power, c.mode, c.normalize, false);
+                    let u = logits(
+                        p,
+                        &part,
+                        c.beta,
+                        c.alpha,
+                        c.power,
+                        c.mode,
+                        c.normalize,
+                        false,
+                    );
                     let best: Vec<bool> = part.slots.iter().map(|&k| k == part.best).collect();
                     let (pos, neg) = split(&u, &best);
                     set_contrast(&pos, &neg, c.gamma.ln())
@@ -184,8 +228,11 @@ pub fn info_nca(b: &RefBatch, c: &InfoNcaParams) -> (f64, Vec<f64>) {
             .map(|p| {
                 let part = partition(p);
                 part.active.then(|| {
-                    let z: Vec<f64> =
-                        part.slots.iter().map(|&k| c.beta * score(p, k, c.normalize, c.reference)).collect();
+                    let z: Vec<f64> = part
+                        .slots
+                        .iter()
+                        .map(|&k| c.beta * score(p, k, c.normalize, c.reference))
+                        .collect();
                     let r: Vec<f64> = part.slots.iter().map(|&k| p.rewards[k] / c.tau).collect();
                     let (lz, lr) = (logsumexp(&z), logsumexp(&r));
                     let mut loss = 0.0;
@@ -209,14 +256,20 @@ pub fn info_nca(b: &RefBatch, c: &InfoNcaParams) -> (f64, Vec<f64>) {
 
 pub fn simpo(b: &RefBatch, beta: f64, margin: f64, sft_weight: f64) -> (f64, Vec<f64>) {
     pairwise(b, |p, part| {
-        let (w, l) = (score(p, part.best, true, false), score(p, part.worst, true, false));
+        let (w, l) = (
+            score(p, part.best, true, false),
+            score(p, part.worst, true, false),
+        );
         softplus(-(beta * (w - l) - margin)) - sft_weight * w
     })
 }
 
 pub fn dpo(b: &RefBatch, beta: f64) -> (f64, Vec<f64>) {
     pairwise(b, |p, part| {
-        let (w, l) = (score(p, part.best, false, true), score(p, part.worst, false, true));
+        let (w, l) = (
+            score(p, part.best, false, true),
+            score(p, part.worst, false, true),
+        );
         softplus(-beta * (w - l))
     })
 }
@@ -233,7 +286,13 @@ fn pairwise(b: &RefBatch, f: impl Fn(&RefPrompt, &RefPartition) -> f64) -> (f64,
     )
 }
 
-pub fn mpo(b: &RefBatch, beta: f64, alpha: f64, power: f64, mode: DeviationMode) -> (f64, Vec<f64>) {
+pub fn mpo(
+    b: &RefBatch,
+    beta: f64,
+    alpha: f64,
+    power: f64,
+    mode: DeviationMode,
+) -> (f64, Vec<f64>) {
     average(
         b.prompts
             .iter()
@@ -254,14 +313,22 @@ pub fn eos(b: &RefBatch, lambda: f64, mode: EosMode) -> (f64, Vec<f64>) {
     let batch_longest = b
         .prompts
         .iter()
-        .flat_map(|p| (0..p.valid.len()).filter(|&k| p.valid[k]).map(|k| p.lengths[k]))
+        .flat_map(|p| {
+            (0..p.valid.len())
+                .filter(|&k| p.valid[k])
+                .map(|k| p.lengths[k])
+        })
         .fold(0.0, f64::max);
     let mut used = 0usize;
     let mut per_prompt = Vec::new();
     for p in &b.prompts {
-        let slots: Vec<usize> = (0..p.valid.len()).filter(|&k| p.valid[k] && p.eos_mask[k]).collect();
-        let prompt_longest =
-            (0..p.valid.len()).filter(|&k| p.valid[k]).map(|k| p.lengths[k]).fold(0.0, f64::max);
+        let slots: Vec<usize> = (0..p.valid.len())
+            .filter(|&k| p.valid[k] && p.eos_mask[k])
+            .collect();
+        let prompt_longest = (0..p.valid.len())
+            .filter(|&k| p.valid[k])
+            .map(|k| p.lengths[k])
+            .fold(0.0, f64::max);
         if !slots.is_empty() {
             used += 1;
         }
@@ -281,14 +348,19 @@ pub fn eos(b: &RefBatch, lambda: f64, mode: EosMode) -> (f64, Vec<f64>) {
                             };
                             prob * (t - p.lengths[k]).max(0.0)
                         }
-                        EosMode::Budgeted { budget } => budgeted(&p.steps[k], &p.step_mask[k], budget),
+                        EosMode::Budgeted { budget } => {
+                            budgeted(&p.steps[k], &p.step_mask[k], budget)
+                        }
                     }
             })
             .sum();
         per_prompt.push(value);
     }
     let total: f64 = per_prompt.iter().sum();
-    (if used == 0 { 0.0 } else { total / used as f64 }, per_prompt)
+    (
+        if used == 0 { 0.0 } else { total / used as f64 },
+        per_prompt,
+    )
 }
 
 fn budgeted(steps: &[f64], mask: &[bool], budget: usize) -> f64 {
@@ -311,8 +383,18 @@ fn budgeted(steps: &[f64], mask: &[bool], budget: usize) -> f64 {
 }
 
 fn split(u: &[f64], positive: &[bool]) -> (Vec<f64>, Vec<f64>) {
-    let pos = u.iter().zip(positive).filter(|(_, &p)| p).map(|(&x, _)| x).collect();
-    let neg = u.iter().zip(positive).filter(|(_, &p)| !p).map(|(&x, _)| x).collect();
+    let pos = u
+        .iter()
+        .zip(positive)
+        .filter(|(_, &p)| p)
+        .map(|(&x, _)| x)
+        .collect();
+    let neg = u
+        .iter()
+        .zip(positive)
+        .filter(|(_, &p)| !p)
+        .map(|(&x, _)| x)
+        .collect();
     (pos, neg)
 }
 
