@@ -56,6 +56,19 @@ pub enum RefaError {
         requirement: &'static str,
     },
 
+    /// A setting of a non-loss component (the scorer) is out of its domain.
+    #[error("invalid setting `{name}` = {value} for {component}: must be {requirement}")]
+    InvalidSetting {
+        /// The component, e.g. `"ScoringConfig"`.
+        component: &'static str,
+        /// The setting, e.g. `"eos_id"`.
+        name: &'static str,
+        /// The value it had.
+        value: i64,
+        /// The domain, e.g. `"in [0, 32000) (the vocabulary)"`.
+        requirement: String,
+    },
+
     /// A value in a valid (unmasked) slot is out of its domain.
     #[error("tensor `{tensor}` holds {value} at {position}, which must be {requirement}")]
     InvalidValue {

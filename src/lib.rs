@@ -78,6 +78,7 @@ mod error;
 pub mod loss;
 mod partition;
 mod reduce;
+pub mod scoring;
 mod validate;
 
 pub use batch::PreferenceBatch;

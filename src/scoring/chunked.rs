@@ -1,0 +1,259 @@
+//! The chunked scoring path: hidden states and the LM head in, at most `chunk_size × V`
+//! logits alive at a time, exact gradients by recomputation.
+
+use tch::{Kind, Tensor};
+
+use crate::error::{RefaError, Result};
+use crate::scoring::targets::Targets;
+use crate::scoring::{score_kind, ScoringConfig, SequenceScores};
+use crate::validate;
+
+/// Scores sequences from hidden states `[N, T, H]` and an LM head `[V, H]` without ever
+/// holding more than `chunk_size × V` logits.
+///
+/// tch has no custom autograd functions, so the pass is split in two:
+/// 1. [`forward`](Self::forward) computes, without building a graph, each response token's
+///    log-probability and `log P(EOS)` chunk by chunk, sums them per sequence and returns
+///    [`SequenceScores`] whose `logp_sum`, `eos_logp` (and `eos_logp_steps`) are fresh leaves
+///    that require gradients. Build the loss on them and call `backward()`: that graph is
+///    only `[P, K]` wide.
+/// 2. [`backward`](Self::backward) reads the leaves' gradients, recomputes each chunk's
+///    logits with a graph, and back-propagates `Σ_i ∂L/∂logp_i · logp_i` chunk by chunk into
+///    a detached copy of the selected hidden states and of the head. It finally sends the
+///    accumulated gradients into the real `hidden` and `lm_head_weight` with one surrogate
+///    `Σ hidden ⊙ grad` backward pass, so the model's own graph is traversed once.
+///
+/// Only response positions (labels other than the ignore index) are scored: prompt and
+/// padding positions cost neither memory nor time. The matmul runs in the inputs' kind
+/// (bf16 stays bf16); logsumexp and sums run in f32 (f64 for f64 inputs).
+///
+/// For the whole step in one call, see [`preference_loss_backward`](crate::scoring::preference_loss_backward).
+#[derive(Debug)]
+pub struct ChunkedScorer<'a> {
+    hidden: &'a Tensor,
+    weight: &'a Tensor,
+    targets: Targets,
+    config: ScoringConfig,
+}
+
+impl<'a> ChunkedScorer<'a> {
+    /// Validates the shapes (`hidden [N, T, H]`, `lm_head_weight [V, H]` of the same kind and
+    /// device, `labels [N, T]` i64), the labels and the configuration.
+    pub fn new(
+        hidden: &'a Tensor,
+        lm_head_weight: &'a Tensor,
+        labels: &Tensor,
+        config: &ScoringConfig,
+    ) -> Result<Self> {
+        let shape = hidden.size();
+        if shape.len() != 3 {
+            let expected = "[N, T, H] (sequences × positions × hidden size)".to_string();
+            return Err(RefaError::ShapeMismatch {
+                tensor: "hidden",
+                actual: shape,
+                expected,
+            });
+        }
+        validate::float_kind("hidden", hidden)?;
+        let head = lm_head_weight.size();
+        if head.len() != 2 || head[1] != shape[2] {
+            let expected = format!("[V, H] with H = {} (the hidden size)", shape[2]);
+            return Err(RefaError::ShapeMismatch {
+                tensor: "lm_head_weight",
+                actual: head,
+                expected,
+            });
+        }
+        if lm_head_weight.kind() != hidden.kind() {
+            let expected = "the kind of `hidden` (the matmul runs in the inputs' kind)";
+            return Err(RefaError::WrongKind {
+                tensor: "lm_head_weight",
+                actual: lm_head_weight.kind(),
+                expected,
+            });
+        }
+        validate::same_device("lm_head_weight", lm_head_weight, "hidden", hidden.device())?;
+        validate::same_shape("labels", labels, "hidden without H", &shape[..2])?;
+        let targets = Targets::new(labels, head[0], hidden.device(), config)?;
+        Ok(ChunkedScorer {
+            hidden,
+            weight: lm_head_weight,
+            targets,
+            config: *config,
+        })
+    }
+
+    /// Per-sequence scores computed without a graph; `logp_sum`, `eos_logp` and
+    /// `eos_logp_steps` are leaves that require gradients (see [`backward`](Self::backward)).
+    pub fn forward(&self) -> SequenceScores {
+        let (token, eos) = tch::no_grad(|| {
+            let hidden = self.selected_hidden();
+            let parts: Vec<(Tensor, Tensor)> = self
+                .chunks()
+                .map(|(start, len)| {
+                    self.chunk_values(&hidden.narrow(0, start, len), self.weight, start, len)
+                })
+                .collect();
+            let (token, eos): (Vec<Tensor>, Vec<Tensor>) = parts.into_iter().unzip();
+            (self.concat(&token), self.concat(&eos))
+        });
+        let mut scores = self.gather_per_sequence(&token, &eos);
+        scores.logp_sum = scores.logp_sum.set_requires_grad(true);
+        scores.eos_logp = scores.eos_logp.set_requires_grad(true);
+        scores.eos_logp_steps = scores
+            .eos_logp_steps
+            .map(|steps| steps.set_requires_grad(true));
+        scores
+    }
+
+    /// Sends the gradients accumulated on `scores`' leaves (by a loss's `backward()`) into
+    /// `hidden` and `lm_head_weight`, chunk by chunk. Leaves without a gradient count as
+    /// zero; nothing happens if neither `hidden` nor the head requires gradients.
+    pub fn backward(&self, scores: &SequenceScores) -> Result<()> {
+        let (need_hidden, need_weight) = (self.hidden.requires_grad(), self.weight.requires_grad());
+        if !(need_hidden || need_weight) || self.targets.kept() == 0 {
+            return Ok(());
+        }
+        let (token_coef, eos_coef) = self.coefficients(scores);
+        let hidden = tch::no_grad(|| self.selected_hidden());
+        let weight = self.weight.detach().set_requires_grad(need_weight);
+        let mut hidden_grads = Vec::new();
+        let mut weight_grad = need_weight.then(|| self.weight.zeros_like());
+        for (start, len) in self.chunks() {
+            let chunk = hidden
+                .narrow(0, start, len)
+                .detach()
+                .set_requires_grad(need_hidden);
+            let (token, eos) = self.chunk_values(&chunk, &weight, start, len);
+            let surrogate = (token * token_coef.narrow(0, start, len)).sum(Kind::Float)
+                + (eos * eos_coef.narrow(0, start, len)).sum(Kind::Float);
+            let inputs: Vec<&Tensor> = [(need_hidden, &chunk), (need_weight, &weight)]
+                .into_iter()
+                .filter_map(|(needed, t)| needed.then_some(t))
+                .collect();
+            let mut grads =
+                Tensor::f_run_backward(&[surrogate], &inputs, false, false)?.into_iter();
+            if need_hidden {
+                hidden_grads.extend(grads.next());
+            }
+            if let (Some(total), Some(grad)) = (weight_grad.as_mut(), grads.next()) {
+                *total += grad;
+            }
+        }
+        let mut surrogate = Tensor::zeros([], (Kind::Float, self.hidden.device()));
+        if need_hidden {
+            surrogate += (self.selected_hidden() * self.concat(&hidden_grads)).sum(Kind::Float);
+        }
+        if let Some(grad) = weight_grad {
+            surrogate += (self.weight * grad).sum(Kind::Float);
+        }
+        surrogate.f_backward()?;
+        Ok(())
+    }
+
+    /// `[M, H]` hidden states of the response positions.
+    fn selected_hidden(&self) -> Tensor {
+        let width = self.hidden.size()[2];
+        self.hidden
+            .reshape([-1, width])
+            .index_select(0, &self.targets.flat_position)
+    }
+
+    /// `(start, len)` of each chunk of the `M` response positions.
+    fn chunks(&self) -> impl Iterator<Item = (i64, i64)> {
+        let (total, size) = (self.targets.kept(), self.config.chunk_size);
+        (0..total)
+            .step_by(size as usize)
+            .map(move |start| (start, size.min(total - start)))
+    }
+
+    /// `(log P(token), log P(EOS))` `[len]` of the response positions `start..start + len`,
+    /// whose hidden states are `hidden` `[len, H]`.
+    fn chunk_values(
+        &self,
+        hidden: &Tensor,
+        weight: &Tensor,
+        start: i64,
+        len: i64,
+    ) -> (Tensor, Tensor) {
+        let logits = hidden.matmul(&weight.tr()).to_kind(self.kind());
+        let normalizer = logits.logsumexp(1, false);
+        let tokens = self.targets.token.narrow(0, start, len).unsqueeze(1);
+        let token = logits.gather(1, &tokens, false).squeeze_dim(1) - &normalizer;
+        let eos = logits.select(1, self.config.eos_id) - normalizer;
+        (token, eos)
+    }
+
+    /// Per-sequence sums from per-position values `[M]`.
+    fn gather_per_sequence(&self, token: &Tensor, eos: &Tensor) -> SequenceScores {
+        let t = &self.targets;
+        let zeros = Tensor::zeros([t.sequences], (self.kind(), self.hidden.device()));
+        let last = eos.where_scalarother(&t.is_last, 0.0);
+        let eos_logp_steps = self.config.eos_steps.then(|| {
+            let mut steps = Tensor::zeros(
+                [t.sequences, t.positions - 1],
+                (self.kind(), self.hidden.device()),
+            );
+            let _ = steps.index_put_(&[Some(&t.sequence), Some(&t.step)], eos, false);
+            steps
+        });
+        SequenceScores {
+            logp_sum: zeros.index_add(0, &t.sequence, token),
+            eos_logp: zeros.index_add(0, &t.sequence, &last),
+            eos_logp_steps,
+            lengths: t.lengths.shallow_clone(),
+            eos_mask: t.eos_mask.shallow_clone(),
+            step_mask: t.valid.shallow_clone(),
+        }
+    }
+
+    /// `[M]` gradients of the loss with respect to each position's token and EOS
+    /// log-probability, read from the leaves of `scores`.
+    fn coefficients(&self, scores: &SequenceScores) -> (Tensor, Tensor) {
+        let t = &self.targets;
+        let grad = |leaf: &Tensor| {
+            let g = leaf.grad();
+            if g.defined() {
+                g.to_kind(self.kind())
+            } else {
+                leaf.zeros_like().to_kind(self.kind())
+            }
+        };
+        let token = grad(&scores.logp_sum).index_select(0, &t.sequence);
+        let mut eos = grad(&scores.eos_logp)
+            .index_select(0, &t.sequence)
+            .where_scalarother(&t.is_last, 0.0);
+        if let Some(steps) = &scores.eos_logp_steps {
+            eos += grad(steps).index(&[Some(&t.sequence), Some(&t.step)]);
+        }
+        (token, eos)
+    }
+
+    fn concat(&self, parts: &[Tensor]) -> Tensor {
+        if parts.is_empty() {
+            return Tensor::zeros([0], (self.kind(), self.hidden.device()));
+        }
+        Tensor::cat(parts, 0)
+    }
+
+    fn kind(&self) -> Kind {
+        score_kind(self.hidden.kind())
+    }
+}
+
+/// Scores sequences from hidden states and the LM head in chunks, without gradients (for a
+/// reference model, evaluation or generation bookkeeping). See [`ChunkedScorer`].
+pub fn score_hidden(
+    hidden: &Tensor,
+    lm_head_weight: &Tensor,
+    labels: &Tensor,
+    config: &ScoringConfig,
+) -> Result<SequenceScores> {
+    let scores = ChunkedScorer::new(hidden, lm_head_weight, labels, config)?.forward();
+    Ok(SequenceScores {
+        logp_sum: scores.logp_sum.detach(),
+        eos_logp: scores.eos_logp.detach(),
+        eos_logp_steps: scores.eos_logp_steps.map(|s| s.detach()),
+        ..scores
+    })
+}
