@@ -23,6 +23,12 @@ use crate::validate;
 ///    accumulated gradients into the real `hidden` and `lm_head_weight` with one surrogate
 ///    `Σ hidden ⊙ grad` backward pass, so the model's own graph is traversed once.
 ///
+/// When the head is frozen (it does not require gradients, as with LoRA), the forward pass
+/// also keeps `p_i @ W` for each position, one extra matmul, and the backward pass needs no
+/// recomputation at all: the gradient with respect to the hidden states is then a closed form
+/// of gathered head rows (see `hidden_gradient_from_expectation`), and the whole step costs
+/// what the plain path costs.
+///
 /// Only response positions (labels other than the ignore index) are scored: prompt and
 /// padding positions cost neither memory nor time. The matmul runs in the inputs' kind
 /// (bf16 stays bf16); logsumexp and sums run in f32 (f64 for f64 inputs).
@@ -34,6 +40,10 @@ pub struct ChunkedScorer<'a> {
     weight: &'a Tensor,
     targets: Targets,
     config: ScoringConfig,
+    /// `[M, H]` `softmax(logits_i) @ W` of each response position, kept by the forward pass
+    /// when only `hidden` needs gradients (a frozen head, as with LoRA): the backward pass
+    /// then needs no recomputation at all (see [`ChunkedScorer::backward`]).
+    expected_embedding: Option<Tensor>,
 }
 
 impl<'a> ChunkedScorer<'a> {
@@ -80,23 +90,36 @@ impl<'a> ChunkedScorer<'a> {
             weight: lm_head_weight,
             targets,
             config: *config,
+            expected_embedding: None,
         })
     }
 
     /// Per-sequence scores computed without a graph; `logp_sum`, `eos_logp` and
     /// `eos_logp_steps` are leaves that require gradients (see [`backward`](Self::backward)).
-    pub fn forward(&self) -> SequenceScores {
-        let (token, eos) = tch::no_grad(|| {
+    pub fn forward(&mut self) -> SequenceScores {
+        let keep_expected = self.hidden.requires_grad() && !self.weight.requires_grad();
+        let (token, eos, expected) = tch::no_grad(|| {
             let hidden = self.selected_hidden();
-            let parts: Vec<(Tensor, Tensor)> = self
-                .chunks()
-                .map(|(start, len)| {
-                    self.chunk_values(&hidden.narrow(0, start, len), self.weight, start, len)
-                })
-                .collect();
-            let (token, eos): (Vec<Tensor>, Vec<Tensor>) = parts.into_iter().unzip();
-            (self.concat(&token), self.concat(&eos))
+            let (mut token, mut eos, mut expected) = (Vec::new(), Vec::new(), Vec::new());
+            for (start, len) in self.chunks() {
+                let logits = self.chunk_logits(&hidden.narrow(0, start, len), self.weight);
+                let (t, e, normalizer) = self.log_probabilities(&logits, start, len);
+                if keep_expected {
+                    let probabilities = (logits - normalizer.unsqueeze(1))
+                        .exp()
+                        .to_kind(self.weight.kind());
+                    expected.push(probabilities.matmul(self.weight));
+                }
+                token.push(t);
+                eos.push(e);
+            }
+            (
+                self.concat(&token),
+                self.concat(&eos),
+                keep_expected.then(|| self.concat(&expected)),
+            )
         });
+        self.expected_embedding = expected;
         let mut scores = self.gather_per_sequence(&token, &eos);
         scores.logp_sum = scores.logp_sum.set_requires_grad(true);
         scores.eos_logp = scores.eos_logp.set_requires_grad(true);
@@ -115,6 +138,12 @@ impl<'a> ChunkedScorer<'a> {
             return Ok(());
         }
         let (token_coef, eos_coef) = self.coefficients(scores);
+        if let Some(expected) = &self.expected_embedding {
+            let grad = self.hidden_gradient_from_expectation(expected, &token_coef, &eos_coef);
+            return Ok((self.selected_hidden() * grad)
+                .sum(Kind::Float)
+                .f_backward()?);
+        }
         let hidden = tch::no_grad(|| self.selected_hidden());
         let weight = self.weight.detach().set_requires_grad(need_weight);
         let mut hidden_grads = Vec::new();
@@ -124,7 +153,8 @@ impl<'a> ChunkedScorer<'a> {
                 .narrow(0, start, len)
                 .detach()
                 .set_requires_grad(need_hidden);
-            let (token, eos) = self.chunk_values(&chunk, &weight, start, len);
+            let logits = self.chunk_logits(&chunk, &weight);
+            let (token, eos, _) = self.log_probabilities(&logits, start, len);
             let surrogate = (token * token_coef.narrow(0, start, len)).sum(Kind::Float)
                 + (eos * eos_coef.narrow(0, start, len)).sum(Kind::Float);
             let inputs: Vec<&Tensor> = [(need_hidden, &chunk), (need_weight, &weight)]
@@ -167,21 +197,45 @@ impl<'a> ChunkedScorer<'a> {
             .map(move |start| (start, size.min(total - start)))
     }
 
-    /// `(log P(token), log P(EOS))` `[len]` of the response positions `start..start + len`,
-    /// whose hidden states are `hidden` `[len, H]`.
-    fn chunk_values(
-        &self,
-        hidden: &Tensor,
-        weight: &Tensor,
-        start: i64,
-        len: i64,
-    ) -> (Tensor, Tensor) {
-        let logits = hidden.matmul(&weight.tr()).to_kind(self.kind());
+    /// `[len, V]` logits of a chunk of response positions, in the score kind.
+    fn chunk_logits(&self, hidden: &Tensor, weight: &Tensor) -> Tensor {
+        hidden.matmul(&weight.tr()).to_kind(self.kind())
+    }
+
+    /// `(log P(token), log P(EOS), log-normalizer)` `[len]` of the response positions
+    /// `start..start + len` from their logits.
+    fn log_probabilities(&self, logits: &Tensor, start: i64, len: i64) -> (Tensor, Tensor, Tensor) {
         let normalizer = logits.logsumexp(1, false);
         let tokens = self.targets.token.narrow(0, start, len).unsqueeze(1);
         let token = logits.gather(1, &tokens, false).squeeze_dim(1) - &normalizer;
-        let eos = logits.select(1, self.config.eos_id) - normalizer;
-        (token, eos)
+        let eos = logits.select(1, self.config.eos_id) - &normalizer;
+        (token, eos, normalizer)
+    }
+
+    /// `[M, H]` gradient of the loss with respect to the selected hidden states, in closed
+    /// form. With `a_i`, `b_i` the coefficients of position `i`'s token and EOS
+    /// log-probabilities, `∂L/∂logits_i = a_i·e_token + b_i·e_eos − (a_i + b_i)·p_i`, so
+    /// `∂L/∂h_i = a_i·W[token_i] + b_i·W[eos] − (a_i + b_i)·(p_i @ W)`: the expectation
+    /// `p_i @ W` from the forward pass replaces any recomputation of the logits.
+    fn hidden_gradient_from_expectation(
+        &self,
+        expected: &Tensor,
+        token_coef: &Tensor,
+        eos_coef: &Tensor,
+    ) -> Tensor {
+        let kind = self.kind();
+        let token_rows = self
+            .weight
+            .index_select(0, &self.targets.token)
+            .to_kind(kind);
+        let eos_row = self
+            .weight
+            .get(self.config.eos_id)
+            .to_kind(kind)
+            .unsqueeze(0);
+        let (a, b) = (token_coef.unsqueeze(1), eos_coef.unsqueeze(1));
+        let grad = token_rows * &a + eos_row * &b - expected.to_kind(kind) * (a + b);
+        grad.to_kind(self.hidden.kind())
     }
 
     /// Per-sequence sums from per-position values `[M]`.

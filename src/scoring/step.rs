@@ -63,7 +63,7 @@ pub fn preference_loss_backward(
     config: &ScoringConfig,
     targets: &PreferenceTargets<'_>,
 ) -> Result<LossOutput> {
-    let scorer = ChunkedScorer::new(hidden, lm_head_weight, labels, config)?;
+    let mut scorer = ChunkedScorer::new(hidden, lm_head_weight, labels, config)?;
     let scores = scorer.forward();
     let mut batch = scores.to_batch(targets.rewards, targets.slot_mask)?;
     if let Some(reference) = targets.ref_logp_sum {
