@@ -427,3 +427,42 @@ fn bad_scoring_input_gets_typed_errors() {
         "{err}"
     );
 }
+
+/// A head that is not a leaf (here a scaled parameter, as a tied or adapted head would be)
+/// gets its gradient through the surrogate pass; the parameter behind it still matches.
+#[test]
+fn a_non_leaf_head_gets_the_same_gradient() {
+    for seed in [21, 22, 23] {
+        non_leaf_head_matches(seed);
+    }
+}
+
+/// Seed 21 happens to have no response token at all: both paths give zero gradients.
+fn non_leaf_head_matches(seed: u64) {
+    let p = problem(seed, Kind::Double);
+    let config = ScoringConfig {
+        chunk_size: 4,
+        ..ScoringConfig::new(EOS)
+    };
+    let loss = RefaDynamic::default();
+    let gradient = |use_chunked: bool| {
+        let parameter = p.weight.detach().set_requires_grad(true);
+        let head = &parameter * 0.5;
+        let hidden = p.hidden.detach().set_requires_grad(true);
+        if use_chunked {
+            let targets = PreferenceTargets::new(&p.rewards);
+            preference_loss_backward(&loss, &hidden, &head, &p.labels, &config, &targets)
+                .expect("step");
+        } else {
+            let scores =
+                score_logits(&hidden.matmul(&head.tr()), &p.labels, &config).expect("scores");
+            loss.compute(&scores.to_batch(&p.rewards, None).expect("batch"))
+                .expect("loss")
+                .loss
+                .backward();
+        }
+        (parameter.grad(), hidden.grad())
+    };
+    let ((wp, hp), (wc, hc)) = (gradient(false), gradient(true));
+    assert!(max_difference(&wp, &wc) < 1e-12 && max_difference(&hp, &hc) < 1e-12);
+}

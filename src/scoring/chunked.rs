@@ -134,8 +134,11 @@ impl<'a> ChunkedScorer<'a> {
     /// zero; nothing happens if neither `hidden` nor the head requires gradients.
     pub fn backward(&self, scores: &SequenceScores) -> Result<()> {
         let (need_hidden, need_weight) = (self.hidden.requires_grad(), self.weight.requires_grad());
-        if !(need_hidden || need_weight) || self.targets.kept() == 0 {
+        if !(need_hidden || need_weight) {
             return Ok(());
+        }
+        if self.targets.kept() == 0 {
+            return self.backward_zero();
         }
         let (token_coef, eos_coef) = self.coefficients(scores);
         if let Some(expected) = &self.expected_embedding {
@@ -144,41 +147,68 @@ impl<'a> ChunkedScorer<'a> {
                 .sum(Kind::Float)
                 .f_backward()?);
         }
+        let (hidden_grad, head_grad) = self.recompute_chunks(&token_coef, &eos_coef)?;
+        let mut surrogate = Tensor::zeros([], (Kind::Float, self.hidden.device()));
+        if let Some(grad) = hidden_grad {
+            surrogate += (self.selected_hidden() * grad).sum(Kind::Float);
+        }
+        if let Some(grad) = head_grad {
+            surrogate += (self.weight * grad).sum(Kind::Float);
+        }
+        if surrogate.requires_grad() {
+            surrogate.f_backward()?;
+        }
+        Ok(())
+    }
+
+    /// Without response tokens the loss does not depend on the model: send zero gradients,
+    /// so that the parameters' gradients are defined, as the plain path leaves them.
+    fn backward_zero(&self) -> Result<()> {
+        let mut surrogate = Tensor::zeros([], (Kind::Float, self.hidden.device()));
+        for t in [self.hidden, self.weight]
+            .into_iter()
+            .filter(|t| t.requires_grad())
+        {
+            surrogate += t.sum(Kind::Float) * 0.0;
+        }
+        Ok(surrogate.f_backward()?)
+    }
+
+    /// Recomputes each chunk's logits with a graph and back-propagates the loss's
+    /// coefficients through them. Returns the `[M, H]` gradient of the selected hidden
+    /// states (when `hidden` requires gradients) and, for a head that is not a leaf, its
+    /// gradient. A leaf head (a model parameter, the usual case) accumulates its gradient in
+    /// place chunk by chunk instead, so no second `[V, H]` buffer is ever allocated.
+    fn recompute_chunks(
+        &self,
+        token_coef: &Tensor,
+        eos_coef: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let (need_hidden, need_head) = (self.hidden.requires_grad(), self.weight.requires_grad());
+        let in_place = !need_head || self.weight.is_leaf();
+        let head = if in_place {
+            self.weight.shallow_clone()
+        } else {
+            self.weight.detach().set_requires_grad(true)
+        };
         let hidden = tch::no_grad(|| self.selected_hidden());
-        let weight = self.weight.detach().set_requires_grad(need_weight);
         let mut hidden_grads = Vec::new();
-        let mut weight_grad = need_weight.then(|| self.weight.zeros_like());
         for (start, len) in self.chunks() {
             let chunk = hidden
                 .narrow(0, start, len)
                 .detach()
                 .set_requires_grad(need_hidden);
-            let logits = self.chunk_logits(&chunk, &weight);
+            let logits = self.chunk_logits(&chunk, &head);
             let (token, eos, _) = self.log_probabilities(&logits, start, len);
             let surrogate = (token * token_coef.narrow(0, start, len)).sum(Kind::Float)
                 + (eos * eos_coef.narrow(0, start, len)).sum(Kind::Float);
-            let inputs: Vec<&Tensor> = [(need_hidden, &chunk), (need_weight, &weight)]
-                .into_iter()
-                .filter_map(|(needed, t)| needed.then_some(t))
-                .collect();
-            let mut grads =
-                Tensor::f_run_backward(&[surrogate], &inputs, false, false)?.into_iter();
+            surrogate.f_backward()?;
             if need_hidden {
-                hidden_grads.extend(grads.next());
-            }
-            if let (Some(total), Some(grad)) = (weight_grad.as_mut(), grads.next()) {
-                *total += grad;
+                hidden_grads.push(chunk.grad());
             }
         }
-        let mut surrogate = Tensor::zeros([], (Kind::Float, self.hidden.device()));
-        if need_hidden {
-            surrogate += (self.selected_hidden() * self.concat(&hidden_grads)).sum(Kind::Float);
-        }
-        if let Some(grad) = weight_grad {
-            surrogate += (self.weight * grad).sum(Kind::Float);
-        }
-        surrogate.f_backward()?;
-        Ok(())
+        let head_grad = (!in_place).then(|| head.grad());
+        Ok((need_hidden.then(|| self.concat(&hidden_grads)), head_grad))
     }
 
     /// `[M, H]` hidden states of the response positions.
