@@ -17,11 +17,13 @@ use crate::validate;
 ///    [`SequenceScores`] whose `logp_sum`, `eos_logp` (and `eos_logp_steps`) are fresh leaves
 ///    that require gradients. Build the loss on them and call `backward()`: that graph is
 ///    only `[P, K]` wide.
-/// 2. [`backward`](Self::backward) reads the leaves' gradients, recomputes each chunk's
-///    logits with a graph, and back-propagates `Σ_i ∂L/∂logp_i · logp_i` chunk by chunk into
-///    a detached copy of the selected hidden states and of the head. It finally sends the
-///    accumulated gradients into the real `hidden` and `lm_head_weight` with one surrogate
-///    `Σ hidden ⊙ grad` backward pass, so the model's own graph is traversed once.
+/// 2. [`backward`](Self::backward) reads the leaves' gradients `a_i` (token) and `b_i` (EOS)
+///    of every response position, recomputes each chunk's logits and turns them in place
+///    into `∂L/∂logits_i = a_i·e_token + b_i·e_eos − (a_i + b_i)·softmax(logits_i)`; two
+///    matmuls give the chunk's gradients with respect to its hidden states and the head
+///    (added in place to the head's `.grad`). One surrogate `Σ hidden ⊙ grad` backward pass
+///    then sends the hidden-state gradients into the real `hidden`, so the model's own graph
+///    is traversed once.
 ///
 /// When the head is frozen (it does not require gradients, as with LoRA), the forward pass
 /// also keeps `p_i @ W` for each position, one extra matmul, and the backward pass needs no
@@ -174,41 +176,79 @@ impl<'a> ChunkedScorer<'a> {
         Ok(surrogate.f_backward()?)
     }
 
-    /// Recomputes each chunk's logits with a graph and back-propagates the loss's
-    /// coefficients through them. Returns the `[M, H]` gradient of the selected hidden
-    /// states (when `hidden` requires gradients) and, for a head that is not a leaf, its
-    /// gradient. A leaf head (a model parameter, the usual case) accumulates its gradient in
-    /// place chunk by chunk instead, so no second `[V, H]` buffer is ever allocated.
+    /// Recomputes each chunk's logits and applies the closed-form gradient of the loss with
+    /// respect to them, `∂L/∂logits_i = a_i·e_token + b_i·e_eos − (a_i + b_i)·softmax_i`,
+    /// built in place in the logits' own buffer. Returns the `[M, H]` gradient of the
+    /// selected hidden states (when `hidden` requires gradients) and, for a head that is not
+    /// a leaf, its `[V, H]` gradient. A leaf head (a model parameter, the usual case) gets
+    /// its gradient added in place with `addmm_`, chunk by chunk: no autograd graph and no
+    /// second `[V, H]` buffer is ever built.
     fn recompute_chunks(
         &self,
         token_coef: &Tensor,
         eos_coef: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let (need_hidden, need_head) = (self.hidden.requires_grad(), self.weight.requires_grad());
-        let in_place = !need_head || self.weight.is_leaf();
-        let head = if in_place {
-            self.weight.shallow_clone()
+        let need_hidden = self.hidden.requires_grad();
+        let head_grad = if self.weight.requires_grad() {
+            Some(self.head_gradient_buffer()?)
         } else {
-            self.weight.detach().set_requires_grad(true)
+            None
         };
-        let hidden = tch::no_grad(|| self.selected_hidden());
-        let mut hidden_grads = Vec::new();
-        for (start, len) in self.chunks() {
-            let chunk = hidden
-                .narrow(0, start, len)
-                .detach()
-                .set_requires_grad(need_hidden);
-            let logits = self.chunk_logits(&chunk, &head);
-            let (token, eos, _) = self.log_probabilities(&logits, start, len);
-            let surrogate = (token * token_coef.narrow(0, start, len)).sum(Kind::Float)
-                + (eos * eos_coef.narrow(0, start, len)).sum(Kind::Float);
-            surrogate.f_backward()?;
-            if need_hidden {
-                hidden_grads.push(chunk.grad());
+        let hidden_grad = tch::no_grad(|| {
+            let hidden = self.selected_hidden();
+            let mut hidden_grads = Vec::new();
+            for (start, len) in self.chunks() {
+                let chunk = hidden.narrow(0, start, len);
+                let logits_grad = self.logits_gradient(
+                    &chunk,
+                    token_coef.narrow(0, start, len),
+                    eos_coef.narrow(0, start, len),
+                    start,
+                );
+                if need_hidden {
+                    hidden_grads.push(logits_grad.matmul(self.weight));
+                }
+                if let Some(grad) = &head_grad {
+                    let _ = grad.shallow_clone().addmm_(&logits_grad.tr(), &chunk);
+                }
             }
+            need_hidden.then(|| self.concat(&hidden_grads))
+        });
+        let non_leaf_head_grad = head_grad.filter(|_| !self.weight.is_leaf());
+        Ok((hidden_grad, non_leaf_head_grad))
+    }
+
+    /// Where the head's gradient accumulates: the parameter's own `.grad` for a leaf
+    /// (created as zeros when absent, as the first `backward()` would), a fresh buffer else.
+    fn head_gradient_buffer(&self) -> Result<Tensor> {
+        if !self.weight.is_leaf() {
+            return Ok(self.weight.zeros_like().detach());
         }
-        let head_grad = (!in_place).then(|| head.grad());
-        Ok((need_hidden.then(|| self.concat(&hidden_grads)), head_grad))
+        if !self.weight.grad().defined() {
+            (self.weight.sum(Kind::Float) * 0.0).f_backward()?;
+        }
+        Ok(self.weight.grad())
+    }
+
+    /// `[len, V]` `∂L/∂logits` of a chunk, in the head's kind.
+    fn logits_gradient(
+        &self,
+        hidden: &Tensor,
+        token_coef: Tensor,
+        eos_coef: Tensor,
+        start: i64,
+    ) -> Tensor {
+        let len = hidden.size()[0];
+        let mut grad = self.chunk_logits(hidden, self.weight);
+        let normalizer = grad.logsumexp(1, true);
+        let _ = grad
+            .g_sub_(&normalizer)
+            .exp_()
+            .g_mul_(&(-(&token_coef + &eos_coef)).unsqueeze(1));
+        let tokens = self.targets.token.narrow(0, start, len).unsqueeze(1);
+        let _ = grad.scatter_add_(1, &tokens, &token_coef.unsqueeze(1));
+        let _ = grad.select(1, self.config.eos_id).g_add_(&eos_coef);
+        grad.to_kind(self.weight.kind())
     }
 
     /// `[M, H]` hidden states of the response positions.
