@@ -104,6 +104,35 @@ pub enum RefaError {
         value: f64,
     },
 
+    /// A file could not be read or written.
+    #[error("{path}: {message}")]
+    Io {
+        /// The file or folder.
+        path: String,
+        /// The operating system's message.
+        message: String,
+    },
+
+    /// A configuration file is malformed or incomplete (serde's message names a missing or
+    /// mistyped field, with its line and column).
+    #[error("{path}: {message}")]
+    Config {
+        /// The file, e.g. `config.json`.
+        path: String,
+        /// What is wrong.
+        message: String,
+    },
+
+    /// A checkpoint lacks a tensor the model needs, holds one it does not know, or holds one
+    /// of the wrong shape or kind.
+    #[error("checkpoint tensor `{tensor}`: {problem}")]
+    Checkpoint {
+        /// The tensor's Hugging Face name, e.g. `model.layers.3.self_attn.q_proj.weight`.
+        tensor: String,
+        /// What is wrong, e.g. `missing` or `has shape [4, 8], the model expects [8, 8]`.
+        problem: String,
+    },
+
     /// libtorch reported an error (kept as text so that `RefaError` stays `Clone`).
     #[error("libtorch: {0}")]
     Torch(String),
@@ -112,6 +141,32 @@ pub enum RefaError {
 impl From<TchError> for RefaError {
     fn from(err: TchError) -> Self {
         RefaError::Torch(err.to_string())
+    }
+}
+
+impl RefaError {
+    /// An I/O error on `path`.
+    pub fn io(path: impl AsRef<std::path::Path>, err: &std::io::Error) -> Self {
+        RefaError::Io {
+            path: path.as_ref().display().to_string(),
+            message: err.to_string(),
+        }
+    }
+
+    /// A configuration error in `path`.
+    pub fn config(path: impl AsRef<std::path::Path>, message: impl std::fmt::Display) -> Self {
+        RefaError::Config {
+            path: path.as_ref().display().to_string(),
+            message: message.to_string(),
+        }
+    }
+
+    /// A problem with one checkpoint tensor.
+    pub fn checkpoint(tensor: impl Into<String>, problem: impl Into<String>) -> Self {
+        RefaError::Checkpoint {
+            tensor: tensor.into(),
+            problem: problem.into(),
+        }
     }
 }
 

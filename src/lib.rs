@@ -76,6 +76,8 @@ mod batch;
 pub mod device;
 mod error;
 pub mod loss;
+#[cfg(feature = "mistral")]
+pub mod mistral;
 mod partition;
 mod reduce;
 pub mod scoring;

@@ -31,9 +31,13 @@ pub struct MistralConfig {
     /// Longest sequence the rotary embeddings were trained for.
     #[serde(default = "default_max_position_embeddings")]
     pub max_position_embeddings: i64,
-    /// Base of the rotary embedding frequencies.
-    #[serde(default = "default_rope_theta")]
-    pub rope_theta: f64,
+    /// Base of the rotary embedding frequencies (older files; newer ones write it in
+    /// `rope_parameters`, see [`rope_base`](Self::rope_base)).
+    #[serde(default)]
+    pub rope_theta: Option<f64>,
+    /// transformers ≥ 5 writes `{"rope_theta": …, "rope_type": "default"}` here.
+    #[serde(default)]
+    pub rope_parameters: Option<RopeParameters>,
     /// ε of the RMS norms.
     #[serde(default = "default_rms_norm_eps")]
     pub rms_norm_eps: f64,
@@ -54,11 +58,22 @@ pub struct MistralConfig {
     pub model_type: String,
 }
 
+/// The rotary embedding settings of transformers ≥ 5.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RopeParameters {
+    /// Base of the frequencies.
+    pub rope_theta: f64,
+    /// Only `default` (plain RoPE) is supported.
+    #[serde(default = "default_rope_type")]
+    pub rope_type: String,
+}
+
+fn default_rope_type() -> String {
+    "default".to_string()
+}
+
 fn default_max_position_embeddings() -> i64 {
     32768
-}
-fn default_rope_theta() -> f64 {
-    10000.0
 }
 fn default_rms_norm_eps() -> f64 {
     1e-6
@@ -79,32 +94,52 @@ impl MistralConfig {
         let path = path.as_ref();
         let text = std::fs::read_to_string(path).map_err(|e| RefaError::io(path, &e))?;
         Self::from_json(&text).map_err(|e| match e {
-            RefaError::Config { message, .. } => RefaError::Config { path: path.display().to_string(), message },
+            RefaError::Config { message, .. } => RefaError::Config {
+                path: path.display().to_string(),
+                message,
+            },
             other => other,
         })
     }
 
     /// Parses and validates the text of a `config.json`.
     pub fn from_json(text: &str) -> Result<Self> {
-        let config: MistralConfig = serde_json::from_str(text)
-            .map_err(|e| RefaError::Config { path: "config.json".to_string(), message: e.to_string() })?;
+        let config: MistralConfig = serde_json::from_str(text).map_err(|e| RefaError::Config {
+            path: "config.json".to_string(),
+            message: e.to_string(),
+        })?;
         config.validate()?;
         Ok(config)
     }
 
     /// The `config.json` text Hugging Face reads back (with `architectures` and `torch_dtype`).
     pub fn to_json(&self, torch_dtype: &str) -> Result<String> {
-        let mut value = serde_json::to_value(self).map_err(|e| RefaError::config("config.json", e))?;
+        let mut value =
+            serde_json::to_value(self).map_err(|e| RefaError::config("config.json", e))?;
         value["architectures"] = serde_json::json!(["MistralForCausalLM"]);
         value["torch_dtype"] = serde_json::json!(torch_dtype);
         value["num_key_value_heads"] = serde_json::json!(self.kv_heads());
         value["head_dim"] = serde_json::json!(self.head_width());
+        value["rope_theta"] = serde_json::json!(self.rope_base());
+        value["rope_parameters"] =
+            serde_json::json!({ "rope_theta": self.rope_base(), "rope_type": "default" });
         serde_json::to_string_pretty(&value).map_err(|e| RefaError::config("config.json", e))
+    }
+
+    /// Base θ of the rotary frequencies: `rope_parameters.rope_theta`, else `rope_theta`,
+    /// else 10 000.
+    pub fn rope_base(&self) -> f64 {
+        self.rope_parameters
+            .as_ref()
+            .map(|r| r.rope_theta)
+            .or(self.rope_theta)
+            .unwrap_or(10000.0)
     }
 
     /// Width of one attention head.
     pub fn head_width(&self) -> i64 {
-        self.head_dim.unwrap_or(self.hidden_size / self.num_attention_heads)
+        self.head_dim
+            .unwrap_or(self.hidden_size / self.num_attention_heads)
     }
 
     /// Key/value heads.
@@ -124,7 +159,10 @@ impl MistralConfig {
         ];
         for (name, value) in positive {
             if value <= 0 {
-                return Err(RefaError::config("config.json", format!("`{name}` = {value} must be > 0")));
+                return Err(RefaError::config(
+                    "config.json",
+                    format!("`{name}` = {value} must be > 0"),
+                ));
             }
         }
         if self.num_attention_heads % self.kv_heads() != 0 {
@@ -135,8 +173,27 @@ impl MistralConfig {
             );
             return Err(RefaError::config("config.json", message));
         }
+        if let Some(rope) = self
+            .rope_parameters
+            .as_ref()
+            .filter(|r| r.rope_type != "default")
+        {
+            return Err(RefaError::config(
+                "config.json",
+                format!(
+                    "rope_type `{}` is not supported (only `default`)",
+                    rope.rope_type
+                ),
+            ));
+        }
         if self.head_width() % 2 != 0 {
-            return Err(RefaError::config("config.json", format!("`head_dim` = {} must be even (rotary pairs)", self.head_width())));
+            return Err(RefaError::config(
+                "config.json",
+                format!(
+                    "`head_dim` = {} must be even (rotary pairs)",
+                    self.head_width()
+                ),
+            ));
         }
         Ok(())
     }

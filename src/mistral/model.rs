@@ -1,0 +1,428 @@
+//! The Mistral decoder, with Hugging Face's parameter names.
+
+use std::path::Path;
+
+use tch::nn::{self, VarStore};
+use tch::{Device, Kind, Tensor};
+
+use crate::error::{RefaError, Result};
+use crate::mistral::checkpoint::{write_checkpoint, CheckpointReader, SaveOptions};
+use crate::mistral::layers::{self, apply_rotary, rms_norm, Rotary};
+use crate::mistral::lora::{Linear, LoraConfig, LoraTarget};
+use crate::mistral::MistralConfig;
+
+/// A Mistral causal LM (`MistralForCausalLM`): token embedding, decoder layers (RMSNorm,
+/// grouped-query attention with rotary embeddings and an optional sliding window, SwiGLU MLP),
+/// final norm and LM head.
+///
+/// Parameters live in a [`VarStore`] under Hugging Face's names
+/// (`model.layers.3.self_attn.q_proj.weight`, …), so checkpoints load and save as they are.
+/// With LoRA, the base weights are frozen and only the adapters are trainable variables.
+#[derive(Debug)]
+pub struct Mistral {
+    config: MistralConfig,
+    var_store: VarStore,
+    embed: Tensor,
+    layers: Vec<DecoderLayer>,
+    norm: Tensor,
+    lm_head: Option<Tensor>,
+    rotary: Rotary,
+    kind: Kind,
+}
+
+#[derive(Debug)]
+pub(crate) struct DecoderLayer {
+    input_norm: Tensor,
+    q: Linear,
+    k: Linear,
+    v: Linear,
+    o: Linear,
+    post_attention_norm: Tensor,
+    gate: Linear,
+    up: Linear,
+    down: Linear,
+}
+
+impl Mistral {
+    /// A model with zero weights of `kind` on `device` (load weights next, or initialize
+    /// them with [`init_random`](Self::init_random)). With `lora`, adapters are attached to
+    /// the targeted layers and only they are trainable.
+    pub fn new(
+        config: MistralConfig,
+        device: Device,
+        kind: Kind,
+        lora: Option<&LoraConfig>,
+    ) -> Self {
+        let var_store = VarStore::new(device);
+        let root = var_store.root();
+        let model = root.sub("model");
+        let trainable = lora.is_none();
+        let zeros = |path: &nn::Path, name: &str, dims: &[i64]| {
+            path.add(name, Tensor::zeros(dims, (kind, device)), trainable)
+        };
+        let embed = zeros(
+            &model.sub("embed_tokens"),
+            "weight",
+            &[config.vocab_size, config.hidden_size],
+        );
+        let layers = (0..config.num_hidden_layers)
+            .map(|i| DecoderLayer::new(&model.sub("layers").sub(i), &config, kind, lora))
+            .collect();
+        let norm = zeros(&model.sub("norm"), "weight", &[config.hidden_size]);
+        let lm_head = (!config.tie_word_embeddings).then(|| {
+            zeros(
+                &root.sub("lm_head"),
+                "weight",
+                &[config.vocab_size, config.hidden_size],
+            )
+        });
+        let rotary = Rotary::new(config.head_width(), config.rope_base(), device);
+        Mistral {
+            config,
+            var_store,
+            embed,
+            layers,
+            norm,
+            lm_head,
+            rotary,
+            kind,
+        }
+    }
+
+    /// Loads `config.json` and the safetensors weights of a Hugging Face checkpoint folder.
+    pub fn from_pretrained(
+        folder: impl AsRef<Path>,
+        device: Device,
+        kind: Kind,
+        lora: Option<&LoraConfig>,
+    ) -> Result<Self> {
+        let folder = folder.as_ref();
+        let config = MistralConfig::from_file(folder.join("config.json"))?;
+        let model = Mistral::new(config, device, kind, lora);
+        model.load_weights(&CheckpointReader::open(folder)?)?;
+        Ok(model)
+    }
+
+    /// Random weights like Hugging Face's initialization (normal, σ = 0.02; norms at 1).
+    pub fn init_random(&self, seed: i64) {
+        tch::manual_seed(seed);
+        tch::no_grad(|| {
+            for (name, mut tensor) in self.base_parameters() {
+                if name.ends_with("norm.weight") {
+                    let _ = tensor.fill_(1.0);
+                } else {
+                    let _ = tensor.copy_(&(tensor.randn_like() * 0.02));
+                }
+            }
+        });
+    }
+
+    /// Copies every weight from `reader`. Every parameter must be present with its shape;
+    /// a tensor the model does not know is an error too (rotary `inv_freq` buffers of old
+    /// checkpoints, and a tied `lm_head.weight`, are skipped).
+    pub fn load_weights(&self, reader: &CheckpointReader) -> Result<()> {
+        let parameters = self.base_parameters();
+        let known: std::collections::HashSet<&str> =
+            parameters.iter().map(|(n, _)| n.as_str()).collect();
+        let tied_head = self.config.tie_word_embeddings;
+        if let Some(extra) = reader.names().find(|name| {
+            !known.contains(name)
+                && !name.ends_with("rotary_emb.inv_freq")
+                && !(tied_head && *name == "lm_head.weight")
+        }) {
+            return Err(RefaError::checkpoint(
+                extra,
+                "is in the checkpoint but not in the model (wrong architecture?)",
+            ));
+        }
+        for (name, mut target) in parameters {
+            let shape = reader.shape(&name)?;
+            if shape != target.size() {
+                return Err(RefaError::checkpoint(
+                    &name,
+                    format!("has shape {shape:?}, the model expects {:?}", target.size()),
+                ));
+            }
+            let source = reader.read(&name, target.device(), target.kind())?;
+            tch::no_grad(|| target.f_copy_(&source))?;
+        }
+        Ok(())
+    }
+
+    /// Writes a Hugging Face checkpoint (config.json and safetensors shards) atomically,
+    /// with LoRA adapters merged into the base weights.
+    pub fn save_pretrained(&self, folder: impl AsRef<Path>, options: SaveOptions) -> Result<()> {
+        let dtype = match options.kind {
+            Kind::BFloat16 => "bfloat16",
+            Kind::Half => "float16",
+            _ => "float32",
+        };
+        let config = self.config.to_json(dtype)?;
+        write_checkpoint(
+            folder,
+            &self.merged_parameters(),
+            &[("config.json", config)],
+            options,
+        )
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &MistralConfig {
+        &self.config
+    }
+
+    /// The parameters (for the optimizer: `var_store().trainable_variables()`).
+    pub fn var_store(&self) -> &VarStore {
+        &self.var_store
+    }
+
+    /// The LM head weight `[V, H]` (the embedding when tied), for the chunked scorer.
+    pub fn lm_head_weight(&self) -> &Tensor {
+        self.lm_head.as_ref().unwrap_or(&self.embed)
+    }
+
+    /// The kind of the base weights.
+    pub fn kind(&self) -> Kind {
+        self.kind
+    }
+
+    /// Hidden states `[N, T, H]` after the final norm, for right-padded `input_ids` `[N, T]`
+    /// (i64) and `attention_mask` `[N, T]` (1 or true for tokens). `train` enables LoRA
+    /// dropout.
+    pub fn forward(
+        &self,
+        input_ids: &Tensor,
+        attention_mask: &Tensor,
+        train: bool,
+    ) -> Result<Tensor> {
+        let (x, context) = self.embed(input_ids, attention_mask)?;
+        let seeds = layer_seeds(self.layers.len(), train);
+        let x = self.layers.iter().zip(seeds).fold(x, |x, (layer, seed)| {
+            seed_dropout(seed);
+            layer.forward(&x, &context, train)
+        });
+        Ok(rms_norm(&x, &self.norm, self.config.rms_norm_eps))
+    }
+
+    /// Logits `[N, T, V]` from hidden states (materializes `N·T·V` values: prefer the
+    /// chunked scorer for training).
+    pub fn logits(&self, hidden: &Tensor) -> Tensor {
+        hidden.matmul(&self.lm_head_weight().tr())
+    }
+
+    /// Token embeddings and the per-batch attention context (rotary tables, mask).
+    pub(crate) fn embed(
+        &self,
+        input_ids: &Tensor,
+        attention_mask: &Tensor,
+    ) -> Result<(Tensor, AttentionContext)> {
+        let shape = input_ids.size();
+        if shape.len() != 2 || input_ids.kind() != Kind::Int64 {
+            let expected = "[N, T] i64 token ids".to_string();
+            return Err(RefaError::ShapeMismatch {
+                tensor: "input_ids",
+                actual: shape,
+                expected,
+            });
+        }
+        if attention_mask.size() != shape {
+            let expected = format!("{shape:?} like `input_ids`");
+            return Err(RefaError::ShapeMismatch {
+                tensor: "attention_mask",
+                actual: attention_mask.size(),
+                expected,
+            });
+        }
+        let (cos, sin) = self.rotary.cos_sin(shape[1], self.kind);
+        let valid = attention_mask.to_device(self.embed.device()).ne(0);
+        let mask = layers::attention_mask(&valid, self.config.sliding_window);
+        let context = AttentionContext {
+            cos,
+            sin,
+            mask,
+            config: self.config.clone(),
+        };
+        Ok((
+            self.embed
+                .index_select(0, &input_ids.flatten(0, -1))
+                .view([shape[0], shape[1], -1]),
+            context,
+        ))
+    }
+
+    /// The decoder layers, for the recomputing forward pass.
+    pub(crate) fn decoder_layers(
+        &self,
+    ) -> impl DoubleEndedIterator<Item = &DecoderLayer> + ExactSizeIterator {
+        self.layers.iter()
+    }
+
+    /// Final norm.
+    pub(crate) fn final_norm(&self, x: &Tensor) -> Tensor {
+        rms_norm(x, &self.norm, self.config.rms_norm_eps)
+    }
+
+    /// Base weights under their Hugging Face names (LoRA adapters excluded).
+    fn base_parameters(&self) -> Vec<(String, Tensor)> {
+        let mut parameters: Vec<(String, Tensor)> = self
+            .var_store
+            .variables()
+            .into_iter()
+            .filter(|(name, _)| !name.contains(".lora_"))
+            .collect();
+        parameters.sort_by(|a, b| a.0.cmp(&b.0));
+        parameters
+    }
+
+    /// Base weights with every adapter merged in, under Hugging Face's names.
+    fn merged_parameters(&self) -> Vec<(String, Tensor)> {
+        let mut merged: Vec<(String, Tensor)> = self.base_parameters();
+        for (i, layer) in self.layers.iter().enumerate() {
+            for (target, linear) in layer.linears() {
+                if linear.adapter().is_some() {
+                    let name = format!("model.layers.{i}.{}.weight", target_path(target));
+                    if let Some(entry) = merged.iter_mut().find(|(n, _)| *n == name) {
+                        entry.1 = linear.merged_weight();
+                    }
+                }
+            }
+        }
+        merged
+    }
+}
+
+/// One seed per layer when training, so that LoRA dropout draws the same masks in a plain
+/// pass and in a recomputing pass started from the same torch seed (and in the recomputation
+/// itself); `-1` (no reseeding) when not training.
+pub(crate) fn layer_seeds(layers: usize, train: bool) -> Vec<i64> {
+    if !train {
+        return vec![-1; layers];
+    }
+    let base = Tensor::randint(1 << 40, [1], (Kind::Int64, Device::Cpu)).int64_value(&[0]);
+    (0..layers as i64).map(|i| base + i).collect()
+}
+
+/// Seeds torch's generators for one layer's dropout (no-op for `-1`).
+pub(crate) fn seed_dropout(seed: i64) {
+    if seed >= 0 {
+        tch::manual_seed(seed);
+    }
+}
+
+/// What every layer of one forward pass shares.
+#[derive(Debug)]
+pub(crate) struct AttentionContext {
+    cos: Tensor,
+    sin: Tensor,
+    mask: Option<Tensor>,
+    config: MistralConfig,
+}
+
+fn target_path(target: LoraTarget) -> &'static str {
+    match target {
+        LoraTarget::Q => "self_attn.q_proj",
+        LoraTarget::K => "self_attn.k_proj",
+        LoraTarget::V => "self_attn.v_proj",
+        LoraTarget::O => "self_attn.o_proj",
+        LoraTarget::Gate => "mlp.gate_proj",
+        LoraTarget::Up => "mlp.up_proj",
+        LoraTarget::Down => "mlp.down_proj",
+    }
+}
+
+impl DecoderLayer {
+    fn new(path: &nn::Path, config: &MistralConfig, kind: Kind, lora: Option<&LoraConfig>) -> Self {
+        let (h, d) = (config.hidden_size, config.head_width());
+        let (heads, kv) = (config.num_attention_heads, config.kv_heads());
+        let trainable = lora.is_none();
+        let linear = |target: LoraTarget, out: i64, inp: i64| {
+            let mut p = path.clone();
+            for part in target_path(target).split('.') {
+                p = p.sub(part);
+            }
+            let adapter = lora.filter(|l| l.targets.contains(&target));
+            Linear::new(&p, out, inp, kind, trainable, adapter)
+        };
+        let norm = |name: &str| {
+            path.sub(name).add(
+                "weight",
+                Tensor::zeros([h], (kind, path.device())),
+                trainable,
+            )
+        };
+        DecoderLayer {
+            input_norm: norm("input_layernorm"),
+            q: linear(LoraTarget::Q, heads * d, h),
+            k: linear(LoraTarget::K, kv * d, h),
+            v: linear(LoraTarget::V, kv * d, h),
+            o: linear(LoraTarget::O, h, heads * d),
+            post_attention_norm: norm("post_attention_layernorm"),
+            gate: linear(LoraTarget::Gate, config.intermediate_size, h),
+            up: linear(LoraTarget::Up, config.intermediate_size, h),
+            down: linear(LoraTarget::Down, h, config.intermediate_size),
+        }
+    }
+
+    fn linears(&self) -> [(LoraTarget, &Linear); 7] {
+        [
+            (LoraTarget::Q, &self.q),
+            (LoraTarget::K, &self.k),
+            (LoraTarget::V, &self.v),
+            (LoraTarget::O, &self.o),
+            (LoraTarget::Gate, &self.gate),
+            (LoraTarget::Up, &self.up),
+            (LoraTarget::Down, &self.down),
+        ]
+    }
+
+    /// `x + attn(norm(x))`, then `+ mlp(norm(·))`.
+    pub(crate) fn forward(&self, x: &Tensor, context: &AttentionContext, train: bool) -> Tensor {
+        let eps = context.config.rms_norm_eps;
+        let x = x + self.attention(&rms_norm(x, &self.input_norm, eps), context, train);
+        let normed = rms_norm(&x, &self.post_attention_norm, eps);
+        let gated = self.gate.forward(&normed, train).silu() * self.up.forward(&normed, train);
+        &x + self.down.forward(&gated, train)
+    }
+
+    fn attention(&self, x: &Tensor, context: &AttentionContext, train: bool) -> Tensor {
+        let c = &context.config;
+        let (n, t) = (x.size()[0], x.size()[1]);
+        let (heads, kv, d) = (c.num_attention_heads, c.kv_heads(), c.head_width());
+        let split = |y: Tensor, count: i64| y.view([n, t, count, d]).transpose(1, 2);
+        let q = apply_rotary(
+            &split(self.q.forward(x, train), heads),
+            &context.cos,
+            &context.sin,
+        );
+        let k = apply_rotary(
+            &split(self.k.forward(x, train), kv),
+            &context.cos,
+            &context.sin,
+        );
+        let v = split(self.v.forward(x, train), kv);
+        let groups = heads / kv;
+        let repeat = |y: Tensor| {
+            if groups == 1 {
+                y
+            } else {
+                y.repeat_interleave_self_int(groups, 1, None)
+            }
+        };
+        let (k, v) = (repeat(k), repeat(v));
+        let causal = context.mask.is_none();
+        let out = Tensor::scaled_dot_product_attention(
+            &q,
+            &k,
+            &v,
+            context.mask.as_ref(),
+            0.0,
+            causal,
+            None,
+            false,
+        );
+        self.o.forward(
+            &out.transpose(1, 2).contiguous().view([n, t, heads * d]),
+            train,
+        )
+    }
+}

@@ -1,0 +1,462 @@
+//! Mistral in tch against Hugging Face transformers (fixtures from
+//! `tests/fixtures/make_mistral_fixtures.py`), checkpoint round trips, recomputation, LoRA,
+//! and tokenization with chat templates.
+#![cfg(feature = "mistral")]
+
+use std::path::{Path, PathBuf};
+
+use refa_loss::mistral::{
+    ChatTemplate, ChatTokenizer, CheckpointReader, LoraConfig, LoraTarget, Mistral, MistralConfig,
+    SaveOptions,
+};
+use refa_loss::RefaError;
+use tch::{Device, Kind, Tensor};
+
+fn fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(name)
+}
+
+/// `(input_ids, attention_mask, logits)` written by transformers.
+fn reference(folder: &Path) -> (Tensor, Tensor, Tensor) {
+    let tensors =
+        Tensor::read_safetensors(folder.join("reference.safetensors")).expect("reference");
+    let get = |name: &str| {
+        tensors
+            .iter()
+            .find(|(n, _)| n == name)
+            .expect("tensor")
+            .1
+            .shallow_clone()
+    };
+    (get("input_ids"), get("attention_mask"), get("logits"))
+}
+
+/// Largest |difference| over the positions the mask marks as tokens.
+fn max_error_on_tokens(a: &Tensor, b: &Tensor, mask: &Tensor) -> f64 {
+    let keep = mask.ne(0).unsqueeze(-1).expand_as(a);
+    (a - b).abs().masked_select(&keep).max().double_value(&[])
+}
+
+#[test]
+fn logits_match_transformers_within_1e4() {
+    let mut worst = 0.0f64;
+    for name in ["tiny", "sliding", "sharded", "tied"] {
+        let folder = fixture(&format!("mistral/{name}"));
+        let model =
+            Mistral::from_pretrained(&folder, Device::Cpu, Kind::Float, None).expect("load");
+        let (ids, mask, expected) = reference(&folder);
+        let logits = model.logits(&model.forward(&ids, &mask, false).expect("forward"));
+        let error = max_error_on_tokens(&logits, &expected, &mask);
+        println!("{name}: max |logit error| = {error:e}");
+        assert!(error < 1e-4, "{name}: {error}");
+        worst = worst.max(error);
+    }
+    println!("max parity error over all fixtures: {worst:e}");
+}
+
+#[test]
+fn sliding_window_changes_the_result_when_shorter_than_the_sequence() {
+    // Guard that the window is really applied: without it the logits differ.
+    let folder = fixture("mistral/sliding");
+    let config = MistralConfig::from_file(folder.join("config.json")).expect("config");
+    assert_eq!(config.sliding_window, Some(4));
+    let unwindowed = MistralConfig {
+        sliding_window: None,
+        ..config
+    };
+    let model = Mistral::new(unwindowed, Device::Cpu, Kind::Float, None);
+    model
+        .load_weights(&CheckpointReader::open(&folder).expect("reader"))
+        .expect("weights");
+    let (ids, mask, expected) = reference(&folder);
+    let logits = model.logits(&model.forward(&ids, &mask, false).expect("forward"));
+    assert!(max_error_on_tokens(&logits, &expected, &mask) > 1e-3);
+}
+
+#[test]
+fn a_saved_checkpoint_loads_back_identically_single_and_sharded() {
+    let model = Mistral::from_pretrained(fixture("mistral/tiny"), Device::Cpu, Kind::Float, None)
+        .expect("load");
+    let (ids, mask, _) = reference(&fixture("mistral/tiny"));
+    let before = model.forward(&ids, &mask, false).expect("forward");
+    let dir = tempfile::tempdir().expect("temp dir");
+    for (name, shard_bytes) in [("single", 1u64 << 40), ("sharded", 20_000)] {
+        let folder = dir.path().join(name);
+        model
+            .save_pretrained(
+                &folder,
+                SaveOptions {
+                    kind: Kind::Float,
+                    shard_bytes,
+                },
+            )
+            .expect("save");
+        assert_eq!(
+            folder.join("model.safetensors.index.json").exists(),
+            name == "sharded"
+        );
+        let reloaded =
+            Mistral::from_pretrained(&folder, Device::Cpu, Kind::Float, None).expect("reload");
+        let after = reloaded.forward(&ids, &mask, false).expect("forward");
+        assert_eq!(
+            (&before - &after).abs().max().double_value(&[]),
+            0.0,
+            "{name}"
+        );
+    }
+    // For the by-hand check that transformers loads what we write:
+    // REFA_EXPORT_DIR=/tmp/x cargo test ... then tests/fixtures/check_transformers_loads.py /tmp/x
+    if let Ok(export) = std::env::var("REFA_EXPORT_DIR") {
+        let options = SaveOptions {
+            kind: Kind::Float,
+            shard_bytes: 20_000,
+        };
+        model
+            .save_pretrained(Path::new(&export).join("sharded"), options)
+            .expect("export");
+        model
+            .save_pretrained(Path::new(&export).join("bf16"), SaveOptions::default())
+            .expect("export");
+    }
+    // Saving over an existing checkpoint replaces it and leaves no staging folder behind.
+    let folder = dir.path().join("single");
+    model
+        .save_pretrained(
+            &folder,
+            SaveOptions {
+                kind: Kind::BFloat16,
+                ..Default::default()
+            },
+        )
+        .expect("overwrite");
+    let leftovers: Vec<_> = std::fs::read_dir(dir.path())
+        .expect("list")
+        .map(|e| e.expect("entry").file_name())
+        .collect();
+    assert_eq!(leftovers.len(), 2, "{leftovers:?}");
+    let text = std::fs::read_to_string(folder.join("config.json")).expect("config");
+    assert!(text.contains("\"torch_dtype\": \"bfloat16\"") && text.contains("MistralForCausalLM"));
+}
+
+#[test]
+fn config_reads_hugging_face_files_and_names_missing_fields() {
+    let config = MistralConfig::from_file(fixture("mistral/tiny/config.json")).expect("config");
+    assert_eq!(
+        (config.hidden_size, config.kv_heads(), config.head_width()),
+        (32, 2, 8)
+    );
+    assert_eq!(config.rope_base(), 10000.0);
+    // An old-style file: no head_dim, top-level rope_theta, unknown fields.
+    let old = r#"{"vocab_size": 10, "hidden_size": 16, "intermediate_size": 8, "num_hidden_layers": 1,
+                  "num_attention_heads": 2, "rope_theta": 500.0, "sliding_window": null, "whatever": [1]}"#;
+    let config = MistralConfig::from_json(old).expect("old config");
+    assert_eq!(
+        (config.head_width(), config.kv_heads(), config.rope_base()),
+        (8, 2, 500.0)
+    );
+    let missing = r#"{"vocab_size": 10, "intermediate_size": 8, "num_hidden_layers": 1, "num_attention_heads": 2}"#;
+    let err = MistralConfig::from_json(missing).unwrap_err();
+    assert!(
+        matches!(err, RefaError::Config { .. }) && err.to_string().contains("hidden_size"),
+        "{err}"
+    );
+    let bad = old.replace(
+        "\"num_attention_heads\": 2",
+        "\"num_attention_heads\": 3, \"num_key_value_heads\": 2",
+    );
+    assert!(MistralConfig::from_json(&bad)
+        .unwrap_err()
+        .to_string()
+        .contains("multiple"));
+}
+
+#[test]
+fn missing_extra_and_misshaped_tensors_are_named() {
+    let source = Mistral::from_pretrained(fixture("mistral/tiny"), Device::Cpu, Kind::Float, None)
+        .expect("load");
+    let reader = CheckpointReader::open(fixture("mistral/tiny")).expect("reader");
+    let all: Vec<(String, Tensor)> = reader
+        .names()
+        .map(|n| {
+            (
+                n.to_string(),
+                reader.read(n, Device::Cpu, Kind::Float).expect("read"),
+            )
+        })
+        .collect();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let write = |name: &str, tensors: Vec<(String, Tensor)>| {
+        let folder = dir.path().join(name);
+        refa_loss::mistral::write_checkpoint(
+            &folder,
+            &tensors,
+            &[],
+            SaveOptions {
+                kind: Kind::Float,
+                ..Default::default()
+            },
+        )
+        .expect("write");
+        CheckpointReader::open(&folder).expect("reader")
+    };
+    let missing = write(
+        "missing",
+        all.iter()
+            .filter(|(n, _)| n != "model.norm.weight")
+            .map(|(n, t)| (n.clone(), t.shallow_clone()))
+            .collect(),
+    );
+    let err = source.load_weights(&missing).unwrap_err();
+    assert!(
+        matches!(&err, RefaError::Checkpoint { tensor, .. } if tensor == "model.norm.weight"),
+        "{err}"
+    );
+
+    let mut extra_tensors: Vec<(String, Tensor)> = all
+        .iter()
+        .map(|(n, t)| (n.clone(), t.shallow_clone()))
+        .collect();
+    extra_tensors.push((
+        "model.layers.9.mlp.up_proj.weight".into(),
+        Tensor::zeros([2, 2], (Kind::Float, Device::Cpu)),
+    ));
+    let err = source
+        .load_weights(&write("extra", extra_tensors))
+        .unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("model.layers.9.mlp.up_proj.weight"),
+        "{err}"
+    );
+
+    let reshaped: Vec<(String, Tensor)> = all
+        .iter()
+        .map(|(n, t)| {
+            (
+                n.clone(),
+                if n == "lm_head.weight" {
+                    t.narrow(0, 0, 10).contiguous()
+                } else {
+                    t.shallow_clone()
+                },
+            )
+        })
+        .collect();
+    let err = source
+        .load_weights(&write("reshaped", reshaped))
+        .unwrap_err();
+    assert!(
+        err.to_string().contains("lm_head.weight") && err.to_string().contains("[10, 32]"),
+        "{err}"
+    );
+}
+
+fn random_model(kind: Kind, lora: Option<&LoraConfig>) -> Mistral {
+    let config = MistralConfig::from_file(fixture("mistral/sliding/config.json")).expect("config");
+    let model = Mistral::new(config, Device::Cpu, kind, lora);
+    model.init_random(5);
+    model
+}
+
+fn batch() -> (Tensor, Tensor) {
+    let (ids, mask, _) = reference(&fixture("mistral/tiny"));
+    (ids, mask)
+}
+
+/// Gradients of `Σ hidden ⊙ probe` with respect to every trainable variable.
+fn gradients(model: &Mistral, recompute: bool, train: bool) -> Vec<(String, Tensor)> {
+    let (ids, mask) = batch();
+    for t in model.var_store().trainable_variables() {
+        let mut g = t.grad();
+        if g.defined() {
+            let _ = g.zero_();
+        }
+    }
+    let pass = model
+        .forward_pass(&ids, &mask, train, recompute)
+        .expect("forward");
+    tch::manual_seed(99);
+    let probe = pass.hidden.randn_like();
+    (&pass.hidden * probe).sum(Kind::Double).backward();
+    pass.finish_backward(model).expect("finish");
+    let mut grads: Vec<(String, Tensor)> = model
+        .var_store()
+        .variables()
+        .into_iter()
+        .filter(|(_, t)| t.requires_grad())
+        .map(|(n, t)| {
+            // The LM head is not on the path to the hidden states: no gradient.
+            let g = t.grad();
+            (
+                n,
+                if g.defined() {
+                    g.copy()
+                } else {
+                    t.zeros_like()
+                },
+            )
+        })
+        .collect();
+    grads.sort_by(|a, b| a.0.cmp(&b.0));
+    grads
+}
+
+#[test]
+fn recomputation_gives_the_plain_gradients() {
+    let model = random_model(Kind::Double, None);
+    let (plain, recomputed) = (
+        gradients(&model, false, false),
+        gradients(&model, true, false),
+    );
+    assert_eq!(plain.len(), recomputed.len());
+    for ((name, a), (_, b)) in plain.iter().zip(&recomputed) {
+        let diff = (a - b).abs().max().double_value(&[]);
+        assert!(diff < 1e-12, "{name}: {diff}");
+    }
+    // With LoRA dropout active, the recomputation replays the dropout masks of the plain
+    // pass (both reseed every layer from the same starting seed).
+    let lora = LoraConfig {
+        rank: 4,
+        alpha: 8.0,
+        dropout: 0.3,
+        targets: vec![LoraTarget::Q, LoraTarget::Down],
+    };
+    let model = random_model(Kind::Double, Some(&lora));
+    perturb_adapters(&model);
+    tch::manual_seed(1234);
+    let plain = gradients(&model, false, true);
+    tch::manual_seed(1234);
+    let recomputed = gradients(&model, true, true);
+    tch::manual_seed(4321);
+    let other_masks = gradients(&model, true, true);
+    let mut differs = false;
+    for (((name, a), (_, b)), (_, c)) in plain.iter().zip(&recomputed).zip(&other_masks) {
+        assert!((a - b).abs().max().double_value(&[]) < 1e-12, "{name}");
+        differs |= (a - c).abs().max().double_value(&[]) > 1e-9;
+    }
+    assert!(
+        differs,
+        "dropout is active: other seeds give other gradients"
+    );
+}
+
+/// Non-zero B, so that the adapters (and their dropout) affect the output.
+fn perturb_adapters(model: &Mistral) {
+    tch::no_grad(|| {
+        for (name, mut t) in model.var_store().variables() {
+            if name.contains("lora_B") {
+                let _ = t.copy_(&(t.randn_like() * 0.1));
+            }
+        }
+    });
+}
+
+#[test]
+fn lora_starts_equal_to_the_base_and_merges_exactly() {
+    let lora = LoraConfig {
+        rank: 4,
+        alpha: 8.0,
+        dropout: 0.0,
+        targets: LoraTarget::ALL.to_vec(),
+    };
+    let folder = fixture("mistral/tiny");
+    let base = Mistral::from_pretrained(&folder, Device::Cpu, Kind::Float, None).expect("base");
+    let adapted =
+        Mistral::from_pretrained(&folder, Device::Cpu, Kind::Float, Some(&lora)).expect("lora");
+    let (ids, mask) = batch();
+    let h0 = base.forward(&ids, &mask, false).expect("base forward");
+    let h1 = adapted.forward(&ids, &mask, false).expect("lora forward");
+    assert_eq!(
+        (&h0 - &h1).abs().max().double_value(&[]),
+        0.0,
+        "B = 0: the adapter adds nothing"
+    );
+
+    // Only the adapters are trainable: 7 targets × 2 layers × (A, B).
+    let trainable = adapted.var_store().trainable_variables();
+    assert_eq!(trainable.len(), 28);
+    // Give B non-zero values, then merge: the merged checkpoint equals the adapted model.
+    perturb_adapters(&adapted);
+    let adapted_hidden = adapted.forward(&ids, &mask, false).expect("forward");
+    assert!((&adapted_hidden - &h0).abs().max().double_value(&[]) > 1e-3);
+    let dir = tempfile::tempdir().expect("temp dir");
+    adapted
+        .save_pretrained(
+            dir.path().join("merged"),
+            SaveOptions {
+                kind: Kind::Float,
+                ..Default::default()
+            },
+        )
+        .expect("save");
+    let merged =
+        Mistral::from_pretrained(dir.path().join("merged"), Device::Cpu, Kind::Float, None)
+            .expect("merged");
+    let merged_hidden = merged.forward(&ids, &mask, false).expect("forward");
+    let diff = (&merged_hidden - &adapted_hidden)
+        .abs()
+        .max()
+        .double_value(&[]);
+    assert!(diff < 1e-5, "merged vs adapters applied: {diff}");
+}
+
+#[test]
+fn bf16_model_runs_close_to_f32() {
+    let folder = fixture("mistral/tiny");
+    let model =
+        Mistral::from_pretrained(&folder, Device::Cpu, Kind::BFloat16, None).expect("bf16 load");
+    let (ids, mask, expected) = reference(&folder);
+    let logits = model
+        .logits(&model.forward(&ids, &mask, false).expect("forward"))
+        .to_kind(Kind::Float);
+    let error = max_error_on_tokens(&logits, &expected, &mask);
+    assert!(error < 0.05, "bf16 logits error {error}");
+}
+
+#[test]
+fn chat_templates_frame_prompts_and_mark_responses() {
+    let path = fixture("tokenizer/tokenizer.json");
+    let mistral =
+        ChatTokenizer::from_file(&path, ChatTemplate::MistralInstruct, 1, 2).expect("tokenizer");
+    let encoded = mistral
+        .encode(
+            "What is the capital of France?",
+            "The capital of France is Paris.",
+            64,
+            128,
+        )
+        .expect("encode");
+    assert_eq!(encoded.prompt[0], 1, "BOS first");
+    assert!(encoded.ends_with(2), "EOS last");
+    assert!(!encoded.prompt[1..].contains(&1) && !encoded.prompt.contains(&2));
+    let labels = encoded.labels();
+    assert!(labels[..encoded.prompt.len()].iter().all(|&l| l == -100));
+    assert_eq!(&labels[encoded.prompt.len()..], encoded.response.as_slice());
+    assert!(mistral
+        .decode(&encoded.prompt)
+        .expect("decode")
+        .contains("[INST] What is the capital of France? [/INST]"));
+
+    // Truncation cuts the response, which then has no EOS.
+    let cut = mistral
+        .encode(
+            "What is the capital of France?",
+            "The capital of France is Paris.",
+            64,
+            encoded.prompt.len() + 3,
+        )
+        .expect("encode");
+    assert_eq!(cut.response.len(), 3);
+    assert!(!cut.ends_with(2));
+
+    // Zephyr writes `</s>` after the user turn: the tokenizer reads it as the EOS token.
+    let zephyr = ChatTokenizer::from_file(&path, ChatTemplate::Zephyr, 1, 2).expect("tokenizer");
+    let prompt = zephyr.encode_prompt("Name three colors.").expect("prompt");
+    assert_eq!(prompt.iter().filter(|&&id| id == 2).count(), 1);
+    assert!(zephyr
+        .decode(&prompt)
+        .expect("decode")
+        .contains("<|assistant|>"));
+}
