@@ -123,6 +123,28 @@ pub enum RefaError {
         message: String,
     },
 
+    /// A line of a data file is malformed.
+    #[error("{path}, line {line}: {message}")]
+    Data {
+        /// The file.
+        path: String,
+        /// 1-based line number.
+        line: usize,
+        /// What is wrong with it.
+        message: String,
+    },
+
+    /// Training produced a non-finite loss or gradient; the run stopped.
+    #[error("training diverged at step {step}: {message}; last good checkpoint: {}", last_checkpoint.as_deref().unwrap_or("none yet"))]
+    Diverged {
+        /// The optimizer step that failed.
+        step: i64,
+        /// What was not finite.
+        message: String,
+        /// The newest checkpoint, untouched by the failed step.
+        last_checkpoint: Option<String>,
+    },
+
     /// A checkpoint lacks a tensor the model needs, holds one it does not know, or holds one
     /// of the wrong shape or kind.
     #[error("checkpoint tensor `{tensor}`: {problem}")]

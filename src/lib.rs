@@ -73,6 +73,8 @@
 #![warn(missing_docs)]
 
 mod batch;
+#[cfg(feature = "trainer")]
+pub mod data;
 pub mod device;
 mod error;
 pub mod loss;
@@ -81,6 +83,8 @@ pub mod mistral;
 mod partition;
 mod reduce;
 pub mod scoring;
+#[cfg(feature = "trainer")]
+pub mod train;
 mod validate;
 
 pub use batch::PreferenceBatch;

@@ -15,10 +15,11 @@ use tch::Tensor;
 use crate::batch::PreferenceBatch;
 use crate::error::Result;
 use crate::loss::common::{
-    average_over_active, finish, log1p_exp, masked_logsumexp, ContrastStats,
+    average_over_active, finish, log1p_exp, masked_logsumexp, scores, ContrastStats,
 };
 use crate::loss::LossOutput;
-use crate::partition::Partition;
+use crate::partition::{DeviationMode, Partition};
+use crate::validate::Hyperparameters;
 
 /// One contrast: logits, the two sets and the log of the negatives' weight.
 pub(crate) struct SetContrast<'a> {
@@ -70,6 +71,41 @@ impl SetContrast<'_> {
             average_over_active(&per_prompt, partition),
             stats,
         )
+    }
+}
+
+/// The hyperparameters REFA-dynamic and REFA-1-vs-all share, and the logits they define.
+pub(crate) struct RefaLogits {
+    pub beta: f64,
+    pub gamma: f64,
+    pub alpha: f64,
+    pub power: f64,
+    pub deviation: DeviationMode,
+    pub length_normalize: bool,
+}
+
+impl RefaLogits {
+    /// β > 0, γ > 0, α >= 0, p > 0, all finite.
+    pub fn validate(&self, loss: &'static str) -> Result<()> {
+        Hyperparameters::of(loss)
+            .positive("beta", self.beta)?
+            .positive("gamma", self.gamma)?
+            .non_negative("alpha", self.alpha)?
+            .positive("power", self.power)?;
+        Ok(())
+    }
+
+    /// `(s, u)`: the `[P, K]` scores and the logits `u = β·s + α·d`.
+    pub fn scores_and_logits(
+        &self,
+        loss: &'static str,
+        batch: &PreferenceBatch,
+        partition: &Partition,
+    ) -> Result<(Tensor, Tensor)> {
+        let scores = scores(loss, batch, self.length_normalize, false)?;
+        let deviations = partition.deviations(self.power, self.deviation, batch.kind());
+        let logits = weighted_logits(self.beta, &scores, self.alpha, &deviations);
+        Ok((scores, logits))
     }
 }
 

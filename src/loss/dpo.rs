@@ -38,6 +38,10 @@ impl PreferenceLoss for Dpo {
         "Dpo"
     }
 
+    fn needs_reference(&self) -> bool {
+        true
+    }
+
     fn compute(&self, batch: &PreferenceBatch) -> Result<LossOutput> {
         Hyperparameters::of(self.name()).positive("beta", self.beta)?;
         let partition = batch.partition()?;

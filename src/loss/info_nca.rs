@@ -84,6 +84,10 @@ impl PreferenceLoss for InfoNca {
         "InfoNca"
     }
 
+    fn needs_reference(&self) -> bool {
+        self.use_reference
+    }
+
     fn compute(&self, batch: &PreferenceBatch) -> Result<LossOutput> {
         Hyperparameters::of(self.name())
             .positive("beta", self.beta)?

@@ -42,6 +42,12 @@ pub trait PreferenceLoss {
     /// Computes the loss on `batch`.
     fn compute(&self, batch: &PreferenceBatch) -> Result<LossOutput>;
 
+    /// Whether `compute` reads `ref_logp_sum` (a trainer then scores the responses once
+    /// with the frozen starting model).
+    fn needs_reference(&self) -> bool {
+        false
+    }
+
     /// This loss plus an EOS-probability regularizer.
     fn with_regularizer(self, regularizer: EosRegularizer) -> Regularized<Self>
     where
@@ -62,6 +68,10 @@ impl<L: PreferenceLoss + ?Sized> PreferenceLoss for Box<L> {
     fn compute(&self, batch: &PreferenceBatch) -> Result<LossOutput> {
         (**self).compute(batch)
     }
+
+    fn needs_reference(&self) -> bool {
+        (**self).needs_reference()
+    }
 }
 
 impl<L: PreferenceLoss + ?Sized> PreferenceLoss for &L {
@@ -71,5 +81,9 @@ impl<L: PreferenceLoss + ?Sized> PreferenceLoss for &L {
 
     fn compute(&self, batch: &PreferenceBatch) -> Result<LossOutput> {
         (**self).compute(batch)
+    }
+
+    fn needs_reference(&self) -> bool {
+        (**self).needs_reference()
     }
 }

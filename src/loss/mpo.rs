@@ -51,6 +51,10 @@ impl PreferenceLoss for Mpo {
         "Mpo"
     }
 
+    fn needs_reference(&self) -> bool {
+        true
+    }
+
     fn compute(&self, batch: &PreferenceBatch) -> Result<LossOutput> {
         Hyperparameters::of(self.name())
             .positive("beta", self.beta)?

@@ -2,11 +2,9 @@
 
 use crate::batch::PreferenceBatch;
 use crate::error::Result;
-use crate::loss::common::scores;
-use crate::loss::contrast::{weighted_logits, SetContrast};
+use crate::loss::contrast::{RefaLogits, SetContrast};
 use crate::loss::{LossOutput, PreferenceLoss};
 use crate::partition::DeviationMode;
-use crate::validate::Hyperparameters;
 
 /// REFA-dynamic (paper v1 Eq. 9/10/24, v4 Eq. 6/22), the paper's best configuration.
 ///
@@ -56,13 +54,15 @@ impl Default for RefaDynamic {
 }
 
 impl RefaDynamic {
-    fn validate(&self) -> Result<()> {
-        Hyperparameters::of("RefaDynamic")
-            .positive("beta", self.beta)?
-            .positive("gamma", self.gamma)?
-            .non_negative("alpha", self.alpha)?
-            .positive("power", self.power)?;
-        Ok(())
+    fn shared(&self) -> RefaLogits {
+        RefaLogits {
+            beta: self.beta,
+            gamma: self.gamma,
+            alpha: self.alpha,
+            power: self.power,
+            deviation: self.deviation,
+            length_normalize: self.length_normalize,
+        }
     }
 }
 
@@ -72,11 +72,10 @@ impl PreferenceLoss for RefaDynamic {
     }
 
     fn compute(&self, batch: &PreferenceBatch) -> Result<LossOutput> {
-        self.validate()?;
+        let refa = self.shared();
+        refa.validate(self.name())?;
         let partition = batch.partition()?;
-        let scores = scores(self.name(), batch, self.length_normalize, false)?;
-        let deviations = partition.deviations(self.power, self.deviation, batch.kind());
-        let logits = weighted_logits(self.beta, &scores, self.alpha, &deviations);
+        let (scores, logits) = refa.scores_and_logits(self.name(), batch, partition)?;
         SetContrast {
             scores: &scores,
             logits: &logits,

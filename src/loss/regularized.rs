@@ -24,6 +24,10 @@ impl<L: PreferenceLoss> PreferenceLoss for Regularized<L> {
         self.loss.name()
     }
 
+    fn needs_reference(&self) -> bool {
+        self.loss.needs_reference()
+    }
+
     fn compute(&self, batch: &PreferenceBatch) -> Result<LossOutput> {
         let main = self.loss.compute(batch)?;
         let regularizer = self.regularizer.compute(batch)?;

@@ -205,15 +205,15 @@ impl View for &HostTensor {
     }
 }
 
-/// Writes `tensors` (Hugging Face names) and the text files in `extra_files` (e.g.
-/// `config.json`) as a checkpoint folder, atomically: everything goes to a hidden sibling
+/// Writes `tensors` (Hugging Face names) and the files in `extra_files` (name and bytes, e.g.
+/// `config.json`, a trainer's state) as a checkpoint folder, atomically: everything goes to a hidden sibling
 /// folder first, each file is synced, and the folder is then renamed into place. A process
 /// killed midway leaves at most a stale `.partial` folder; any previous checkpoint at
 /// `folder` stays loadable until the final renames.
 pub fn write_checkpoint(
     folder: impl AsRef<Path>,
     tensors: &[(String, Tensor)],
-    extra_files: &[(&str, String)],
+    extra_files: &[(&str, Vec<u8>)],
     options: SaveOptions,
 ) -> Result<()> {
     let folder = folder.as_ref();
@@ -223,8 +223,8 @@ pub fn write_checkpoint(
     }
     std::fs::create_dir_all(&staging).map_err(|e| RefaError::io(&staging, &e))?;
     write_shards(&staging, tensors, options)?;
-    for (name, text) in extra_files {
-        write_synced(&staging.join(name), text.as_bytes())?;
+    for (name, bytes) in extra_files {
+        write_synced(&staging.join(name), bytes)?;
     }
     replace_folder(&staging, folder)
 }
@@ -284,6 +284,24 @@ fn write_shards(staging: &Path, tensors: &[(String, Tensor)], options: SaveOptio
         write_synced(&staging.join(INDEX_FILE), text.as_bytes())?;
     }
     Ok(())
+}
+
+/// The safetensors file of `tensors`, floating-point ones stored as `kind`.
+pub fn safetensors_bytes<'a>(
+    tensors: impl IntoIterator<Item = (&'a str, &'a Tensor)>,
+    kind: Kind,
+) -> Result<Vec<u8>> {
+    let host: Vec<(&str, HostTensor)> = tensors
+        .into_iter()
+        .map(|(name, t)| Ok((name, HostTensor::new(name, t, kind)?)))
+        .collect::<Result<_>>()?;
+    let views = host.iter().map(|(name, t)| (*name, t));
+    let metadata = Some(
+        [("format".to_string(), "pt".to_string())]
+            .into_iter()
+            .collect(),
+    );
+    safetensors::serialize(views, metadata).map_err(|e| RefaError::config("safetensors", e))
 }
 
 fn write_synced(path: &Path, bytes: &[u8]) -> Result<()> {

@@ -24,7 +24,7 @@ mod model;
 mod recompute;
 mod tokenizer;
 
-pub use checkpoint::{write_checkpoint, CheckpointReader, SaveOptions};
+pub use checkpoint::{safetensors_bytes, write_checkpoint, CheckpointReader, SaveOptions};
 pub use config::{MistralConfig, RopeParameters};
 pub use lora::{LoraConfig, LoraTarget};
 pub use model::Mistral;

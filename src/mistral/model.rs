@@ -152,18 +152,24 @@ impl Mistral {
     /// Writes a Hugging Face checkpoint (config.json and safetensors shards) atomically,
     /// with LoRA adapters merged into the base weights.
     pub fn save_pretrained(&self, folder: impl AsRef<Path>, options: SaveOptions) -> Result<()> {
+        self.save_pretrained_with(folder, options, Vec::new())
+    }
+
+    /// [`save_pretrained`](Self::save_pretrained) with more files in the same atomic folder
+    /// (a trainer's optimizer state, LoRA adapters, …).
+    pub fn save_pretrained_with(
+        &self,
+        folder: impl AsRef<Path>,
+        options: SaveOptions,
+        mut extra_files: Vec<(&str, Vec<u8>)>,
+    ) -> Result<()> {
         let dtype = match options.kind {
             Kind::BFloat16 => "bfloat16",
             Kind::Half => "float16",
             _ => "float32",
         };
-        let config = self.config.to_json(dtype)?;
-        write_checkpoint(
-            folder,
-            &self.merged_parameters(),
-            &[("config.json", config)],
-            options,
-        )
+        extra_files.push(("config.json", self.config.to_json(dtype)?.into_bytes()));
+        write_checkpoint(folder, &self.merged_parameters(), &extra_files, options)
     }
 
     /// The configuration.
@@ -260,6 +266,18 @@ impl Mistral {
     /// Final norm.
     pub(crate) fn final_norm(&self, x: &Tensor) -> Tensor {
         rms_norm(x, &self.norm, self.config.rms_norm_eps)
+    }
+
+    /// The LoRA adapters (`…lora_A.weight`, `…lora_B.weight`) under their names.
+    pub fn adapter_parameters(&self) -> Vec<(String, Tensor)> {
+        let mut adapters: Vec<(String, Tensor)> = self
+            .var_store
+            .variables()
+            .into_iter()
+            .filter(|(name, _)| name.contains(".lora_"))
+            .collect();
+        adapters.sort_by(|a, b| a.0.cmp(&b.0));
+        adapters
     }
 
     /// Base weights under their Hugging Face names (LoRA adapters excluded).

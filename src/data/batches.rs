@@ -1,0 +1,172 @@
+//! Batches of prompts × their responses, padded once, in a reproducible order.
+
+use rand::seq::SliceRandom;
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+use tch::{Device, Tensor};
+
+use crate::data::examples::TokenizedExample;
+
+/// `P` prompts with `K` response slots (`K` = the most responses of any prompt in the batch),
+/// flattened to `N = P·K` right-padded sequences of `T` tokens.
+#[derive(Debug)]
+pub struct Collated {
+    /// `[N, T]` token ids (padding: `pad_id`).
+    pub input_ids: Tensor,
+    /// `[N, T]` 1 for tokens, 0 for padding.
+    pub attention_mask: Tensor,
+    /// `[N, T]` response token ids, −100 elsewhere (prompt, padding, empty slots).
+    pub labels: Tensor,
+    /// `[P, K]` rewards (0 in empty slots).
+    pub rewards: Tensor,
+    /// `[P, K]` bool: the slot holds a response.
+    pub slot_mask: Tensor,
+    /// Number of real (non-padding) tokens.
+    pub tokens: i64,
+    /// Mean response length in tokens over the batch's responses.
+    pub mean_response_length: f64,
+}
+
+/// Pads `examples` into one batch on `device`.
+pub fn collate(examples: &[&TokenizedExample], pad_id: i64, device: Device) -> Collated {
+    let prompts = examples.len() as i64;
+    let slots = examples
+        .iter()
+        .map(|e| e.responses.len())
+        .max()
+        .unwrap_or(0) as i64;
+    let width = examples
+        .iter()
+        .flat_map(|e| &e.responses)
+        .map(|r| r.prompt.len() + r.response.len())
+        .max()
+        .unwrap_or(1)
+        .max(1);
+    let sequences = (prompts * slots) as usize;
+    let mut ids = vec![pad_id; sequences * width];
+    let mut mask = vec![0i64; sequences * width];
+    let mut labels = vec![-100i64; sequences * width];
+    let mut rewards = vec![0f32; sequences];
+    let mut slot_mask = vec![false; sequences];
+    for (p, example) in examples.iter().enumerate() {
+        for (k, (encoded, reward)) in example.responses.iter().zip(&example.rewards).enumerate() {
+            let n = p * slots as usize + k;
+            let row = n * width;
+            for (t, (id, label)) in encoded
+                .input_ids()
+                .into_iter()
+                .zip(encoded.labels())
+                .enumerate()
+            {
+                (ids[row + t], mask[row + t], labels[row + t]) = (id, 1, label);
+            }
+            rewards[n] = *reward as f32;
+            slot_mask[n] = true;
+        }
+    }
+    let tokens = mask.iter().sum();
+    let responses: Vec<usize> = examples
+        .iter()
+        .flat_map(|e| e.responses.iter().map(|r| r.response.len()))
+        .collect();
+    let mean_response_length =
+        responses.iter().sum::<usize>() as f64 / responses.len().max(1) as f64;
+    let grid = |v: &[i64]| {
+        Tensor::from_slice(v)
+            .view([sequences as i64, width as i64])
+            .to(device)
+    };
+    Collated {
+        input_ids: grid(&ids),
+        attention_mask: grid(&mask),
+        labels: grid(&labels),
+        rewards: Tensor::from_slice(&rewards)
+            .view([prompts, slots])
+            .to(device),
+        slot_mask: Tensor::from_slice(&slot_mask)
+            .view([prompts, slots])
+            .to(device),
+        tokens,
+        mean_response_length,
+    }
+}
+
+/// Splits off `fraction` of the examples (at least one when there are two or more) as a
+/// held-out evaluation set, by a seeded shuffle: `(train, eval)`.
+pub fn split_eval(
+    examples: Vec<TokenizedExample>,
+    fraction: f64,
+    seed: u64,
+) -> (Vec<TokenizedExample>, Vec<TokenizedExample>) {
+    let mut order: Vec<usize> = (0..examples.len()).collect();
+    order.shuffle(&mut ChaCha8Rng::seed_from_u64(seed ^ 0x5eed_e7a1));
+    let held = ((examples.len() as f64 * fraction).round() as usize).clamp(
+        usize::from(fraction > 0.0 && examples.len() > 1),
+        examples.len().saturating_sub(1),
+    );
+    let held_out: std::collections::HashSet<usize> = order[..held].iter().copied().collect();
+    let (mut train, mut eval) = (Vec::new(), Vec::new());
+    for (i, example) in examples.into_iter().enumerate() {
+        if held_out.contains(&i) {
+            eval.push(example)
+        } else {
+            train.push(example)
+        }
+    }
+    (train, eval)
+}
+
+/// The order in which training examples are visited: a fresh seeded shuffle every epoch.
+/// Its state is `(epoch, position)`, so a resumed run continues exactly where it stopped.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DataOrder {
+    seed: u64,
+    len: usize,
+    /// Completed passes over the data.
+    pub epoch: u64,
+    /// Examples of the current epoch already handed out.
+    pub position: usize,
+    order: Vec<usize>,
+}
+
+impl DataOrder {
+    /// Starts at epoch 0, position 0.
+    pub fn new(len: usize, seed: u64) -> Self {
+        Self::resume(len, seed, 0, 0)
+    }
+
+    /// Continues at `(epoch, position)`.
+    pub fn resume(len: usize, seed: u64, epoch: u64, position: usize) -> Self {
+        let order = Self::shuffled(len, seed, epoch);
+        DataOrder {
+            seed,
+            len,
+            epoch,
+            position,
+            order,
+        }
+    }
+
+    fn shuffled(len: usize, seed: u64, epoch: u64) -> Vec<usize> {
+        let mut order: Vec<usize> = (0..len).collect();
+        order.shuffle(&mut ChaCha8Rng::seed_from_u64(
+            seed.wrapping_add(epoch.wrapping_mul(0x9e37_79b9_7f4a_7c15)),
+        ));
+        order
+    }
+
+    /// The next `count` example indices, wrapping into a new epoch (and a new shuffle).
+    pub fn next_batch(&mut self, count: usize) -> Vec<usize> {
+        let mut batch = Vec::with_capacity(count);
+        while batch.len() < count && self.len > 0 {
+            if self.position == self.len {
+                self.epoch += 1;
+                self.position = 0;
+                self.order = Self::shuffled(self.len, self.seed, self.epoch);
+            }
+            batch.push(self.order[self.position]);
+            self.position += 1;
+        }
+        batch
+    }
+}

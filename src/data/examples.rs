@@ -1,0 +1,65 @@
+//! Records to token ids: chat template, truncation, and the prompts that carry no preference.
+
+use crate::data::records::PreferenceRecord;
+use crate::error::Result;
+use crate::mistral::{ChatTokenizer, Encoded};
+
+/// One prompt's responses as token ids, with their rewards.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TokenizedExample {
+    /// Each response framed by the chat template (prompt ids repeated per response).
+    pub responses: Vec<Encoded>,
+    /// The rewards, one per response.
+    pub rewards: Vec<f64>,
+}
+
+/// Why prompts were dropped, and how many responses were truncated.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TokenizeReport {
+    /// Prompts kept.
+    pub kept: usize,
+    /// Dropped: fewer than two responses.
+    pub fewer_than_two_responses: usize,
+    /// Dropped: every response has the same score (no preference).
+    pub all_scores_equal: usize,
+    /// Responses cut at the length limit (they have no EOS, and the EOS regularizer skips them).
+    pub truncated_responses: usize,
+}
+
+/// Tokenizes `records` with the chat template, truncating prompts to `max_prompt` tokens and
+/// prompt + response to `max_total`, and drops prompts that carry no preference.
+pub fn tokenize_records(
+    records: &[PreferenceRecord],
+    tokenizer: &ChatTokenizer,
+    max_prompt: usize,
+    max_total: usize,
+) -> Result<(Vec<TokenizedExample>, TokenizeReport)> {
+    let mut report = TokenizeReport::default();
+    let mut examples = Vec::new();
+    for record in records {
+        if record.responses.len() < 2 {
+            report.fewer_than_two_responses += 1;
+            continue;
+        }
+        let first = record.responses[0].score;
+        if record.responses.iter().all(|r| r.score == first) {
+            report.all_scores_equal += 1;
+            continue;
+        }
+        let responses = record
+            .responses
+            .iter()
+            .map(|r| tokenizer.encode(&record.prompt, &r.text, max_prompt, max_total))
+            .collect::<Result<Vec<_>>>()?;
+        report.truncated_responses += responses
+            .iter()
+            .filter(|e| !e.ends_with(tokenizer.eos_id()))
+            .count();
+        examples.push(TokenizedExample {
+            responses,
+            rewards: record.responses.iter().map(|r| r.score).collect(),
+        });
+        report.kept += 1;
+    }
+    Ok((examples, report))
+}

@@ -1,0 +1,12 @@
+//! Preference data for the trainer (cargo feature `trainer`): JSONL readers, tokenization
+//! with chat templates, batching.
+
+mod batches;
+mod examples;
+mod records;
+
+pub use batches::{collate, split_eval, Collated, DataOrder};
+pub use examples::{tokenize_records, TokenizeReport, TokenizedExample};
+pub use records::{
+    parse_jsonl, read_jsonl, DataFormat, PreferenceRecord, ReadReport, ScoreField, ScoredResponse,
+};

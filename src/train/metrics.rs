@@ -1,0 +1,153 @@
+//! What a training step reports, and the JSON-lines log it goes to.
+
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::path::Path;
+
+use crate::error::{RefaError, Result};
+use crate::loss::MetricsSummary;
+
+/// Averages of [`MetricsSummary`] over the micro-batches of a step (or an evaluation).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct StepMetrics {
+    /// Optimizer step (0 for an evaluation before training).
+    pub step: i64,
+    /// Mean loss.
+    pub loss: f64,
+    /// Mean `score_positive − score_negative` (TRL: `rewards/margins`).
+    pub margin: f64,
+    /// Mean score of positives (`logps/positive`).
+    pub score_positive: f64,
+    /// Mean score of negatives (`logps/negative`).
+    pub score_negative: f64,
+    /// Mean positive probability mass.
+    pub positive_mass: f64,
+    /// Fraction of prompts whose best response scores highest.
+    pub accuracy: f64,
+    /// Mean `P(EOS)` where responses end with EOS (`eos/prob`).
+    pub eos_probability: f64,
+    /// Mean response length in tokens (`lengths/mean`).
+    pub mean_length: f64,
+    /// Gradient norm before clipping.
+    pub grad_norm: f64,
+    /// Learning rate of the step.
+    pub lr: f64,
+    /// Real tokens processed per second.
+    pub tokens_per_s: f64,
+}
+
+/// Running means of [`MetricsSummary`] values; a `None` value is left out of its mean.
+#[derive(Debug, Default)]
+pub(crate) struct MetricsAccumulator {
+    sums: [f64; 8],
+    counts: [f64; 8],
+}
+
+impl MetricsAccumulator {
+    pub fn add(&mut self, m: &MetricsSummary, mean_length: f64) {
+        let values = [
+            Some(m.loss),
+            m.margin,
+            m.score_positive,
+            m.score_negative,
+            m.positive_mass,
+            m.accuracy,
+            m.eos_probability,
+            Some(mean_length),
+        ];
+        for (i, value) in values.into_iter().enumerate() {
+            if let Some(v) = value {
+                self.sums[i] += v;
+                self.counts[i] += 1.0;
+            }
+        }
+    }
+
+    pub fn finish(&self, step: i64) -> StepMetrics {
+        let mean = |i: usize| {
+            if self.counts[i] > 0.0 {
+                self.sums[i] / self.counts[i]
+            } else {
+                f64::NAN
+            }
+        };
+        StepMetrics {
+            step,
+            loss: mean(0),
+            margin: mean(1),
+            score_positive: mean(2),
+            score_negative: mean(3),
+            positive_mass: mean(4),
+            accuracy: mean(5),
+            eos_probability: mean(6),
+            mean_length: mean(7),
+            ..StepMetrics::default()
+        }
+    }
+}
+
+impl StepMetrics {
+    /// One JSON object with TRL-like names; `prefix` is `""` for training, `"eval/"` for
+    /// evaluations. NaN (a metric with no data) is written as `null`.
+    pub fn to_json(&self, prefix: &str) -> String {
+        let number = |v: f64| {
+            if v.is_finite() {
+                serde_json::json!(v)
+            } else {
+                serde_json::Value::Null
+            }
+        };
+        let mut object = serde_json::Map::new();
+        object.insert("step".into(), serde_json::json!(self.step));
+        for (name, value) in [
+            ("loss", self.loss),
+            ("rewards/margins", self.margin),
+            ("logps/positive", self.score_positive),
+            ("logps/negative", self.score_negative),
+            ("rewards/positive_mass", self.positive_mass),
+            ("rewards/accuracies", self.accuracy),
+            ("eos/prob", self.eos_probability),
+            ("lengths/mean", self.mean_length),
+        ] {
+            object.insert(format!("{prefix}{name}"), number(value));
+        }
+        if prefix.is_empty() {
+            for (name, value) in [
+                ("grad_norm", self.grad_norm),
+                ("lr", self.lr),
+                ("tokens_per_s", self.tokens_per_s),
+            ] {
+                object.insert(name.into(), number(value));
+            }
+        }
+        serde_json::Value::Object(object).to_string()
+    }
+}
+
+/// Appends one JSON line per record to `metrics.jsonl`, flushed at once.
+#[derive(Debug)]
+pub struct MetricsLog {
+    file: File,
+}
+
+impl MetricsLog {
+    /// Opens (appending) `path`.
+    pub fn open(path: &Path) -> Result<Self> {
+        let file = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .map_err(|e| RefaError::io(path, &e))?;
+        Ok(MetricsLog { file })
+    }
+
+    /// Writes one line.
+    pub fn write(&mut self, line: &str) -> Result<()> {
+        writeln!(self.file, "{line}")
+            .and_then(|_| self.file.flush())
+            .map_err(|e| RefaError::Io {
+                path: "metrics.jsonl".into(),
+                message: e.to_string(),
+            })
+    }
+}

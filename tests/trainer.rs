@@ -1,0 +1,368 @@
+//! The trainer: data parsing, exact resumption, atomic checkpoints, checkpoint round trip,
+//! and a short end-to-end run whose loss falls.
+#![cfg(feature = "trainer")]
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicBool;
+
+use refa_loss::data::{
+    parse_jsonl, read_jsonl, split_eval, tokenize_records, DataFormat, ScoreField, TokenizedExample,
+};
+use refa_loss::mistral::{ChatTemplate, ChatTokenizer, Mistral, MistralConfig, SaveOptions};
+use refa_loss::scoring::ScoringConfig;
+use refa_loss::train::{CosineSchedule, TrainConfig, Trainer};
+use refa_loss::{EosRegularizer, PreferenceLoss, RefaDynamic, RefaError};
+use tch::{Device, Kind, Tensor};
+
+fn data_file(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("examples/data")
+        .join(name)
+}
+
+fn tokenizer() -> ChatTokenizer {
+    ChatTokenizer::from_file(
+        data_file("tokenizer.json"),
+        ChatTemplate::MistralInstruct,
+        1,
+        2,
+    )
+    .expect("tokenizer")
+}
+
+fn examples() -> Vec<TokenizedExample> {
+    let report = read_jsonl(
+        data_file("sample.jsonl"),
+        DataFormat::Simple,
+        ScoreField::Overall,
+        false,
+    )
+    .expect("sample");
+    tokenize_records(&report.records, &tokenizer(), 128, 256)
+        .expect("tokenize")
+        .0
+}
+
+fn tiny_model(seed: i64) -> Mistral {
+    let text = std::fs::read_to_string(data_file("tiny-config.json")).expect("config");
+    let model = Mistral::new(
+        MistralConfig::from_json(&text).expect("config"),
+        Device::Cpu,
+        Kind::Float,
+        None,
+    );
+    model.init_random(seed);
+    model
+}
+
+fn config(output_dir: &Path, max_steps: i64) -> TrainConfig {
+    TrainConfig {
+        prompts_per_batch: 4,
+        accumulation_steps: 2,
+        max_steps,
+        schedule: CosineSchedule {
+            peak: 2e-3,
+            warmup: 2,
+            total: max_steps,
+            min_ratio: 0.1,
+        },
+        max_grad_norm: 1.0,
+        weight_decay: 0.01,
+        eval_every: 0,
+        save_every: 0,
+        keep_checkpoints: 2,
+        output_dir: output_dir.to_path_buf(),
+        seed: 7,
+        recompute: true,
+        scoring: ScoringConfig::new(2),
+    }
+}
+
+fn loss() -> Box<dyn PreferenceLoss> {
+    Box::new(RefaDynamic::default().with_regularizer(EosRegularizer {
+        lambda: 0.05,
+        ..Default::default()
+    }))
+}
+
+#[test]
+fn both_formats_parse_with_ragged_k_and_named_bad_lines() {
+    let simple = concat!(
+        r#"{"prompt": "p1", "responses": [{"text": "a", "score": 1}, {"text": "b", "score": 2}, {"text": "c", "score": 3}]}"#,
+        "\n\n",
+        r#"{"prompt": "p2", "responses": [{"text": "a", "score": 5}, {"text": "b", "score": 4}]}"#,
+        "\n"
+    );
+    let report = parse_jsonl(
+        simple,
+        "simple.jsonl",
+        DataFormat::Simple,
+        ScoreField::Overall,
+        false,
+    )
+    .expect("simple");
+    assert_eq!(
+        report
+            .records
+            .iter()
+            .map(|r| r.responses.len())
+            .collect::<Vec<_>>(),
+        vec![3, 2]
+    );
+
+    let ultra = concat!(
+        r#"{"instruction": "q", "completions": [{"response": "x", "overall_score": 8.5, "fine-grained_score": 4.25, "annotations": {}},"#,
+        r#" {"response": "y", "overall_score": "3", "fine-grained_score": 2.0, "annotations": {}}]}"#
+    );
+    let overall = parse_jsonl(
+        ultra,
+        "uf.jsonl",
+        DataFormat::UltraFeedback,
+        ScoreField::Overall,
+        false,
+    )
+    .expect("uf");
+    assert_eq!(
+        overall.records[0].responses[1].score, 3.0,
+        "string scores are read"
+    );
+    let fine = parse_jsonl(
+        ultra,
+        "uf.jsonl",
+        DataFormat::UltraFeedback,
+        ScoreField::FineGrained,
+        false,
+    )
+    .expect("uf");
+    assert_eq!(fine.records[0].responses[0].score, 4.25);
+
+    let bad = format!(
+        "{}\n{{\"prompt\": 3}}\n",
+        simple.lines().next().expect("line")
+    );
+    let err = parse_jsonl(
+        &bad,
+        "bad.jsonl",
+        DataFormat::Simple,
+        ScoreField::Overall,
+        false,
+    )
+    .unwrap_err();
+    assert!(
+        matches!(&err, RefaError::Data { path, line: 2, .. } if path == "bad.jsonl"),
+        "{err}"
+    );
+    let skipped = parse_jsonl(
+        &bad,
+        "bad.jsonl",
+        DataFormat::Simple,
+        ScoreField::Overall,
+        true,
+    )
+    .expect("skip");
+    assert_eq!(
+        (
+            skipped.records.len(),
+            skipped.skipped.len(),
+            skipped.skipped[0].0
+        ),
+        (1, 1, 2)
+    );
+    let missing = r#"{"instruction": "q", "completions": [{"response": "x"}]}"#;
+    let err = parse_jsonl(
+        missing,
+        "uf.jsonl",
+        DataFormat::UltraFeedback,
+        ScoreField::Overall,
+        false,
+    )
+    .unwrap_err();
+    assert!(
+        err.to_string().contains("overall_score") && err.to_string().contains("line 1"),
+        "{err}"
+    );
+}
+
+#[test]
+fn tokenization_drops_prompts_without_preference_and_flags_truncation() {
+    let text = concat!(
+        r#"{"prompt": "What is 2 plus 2?", "responses": [{"text": "4.", "score": 7}, {"text": "5.", "score": 2}]}"#,
+        "\n",
+        r#"{"prompt": "What is 3 plus 3?", "responses": [{"text": "6.", "score": 5}, {"text": "6!", "score": 5}]}"#,
+        "\n",
+        r#"{"prompt": "What is 4 plus 4?", "responses": [{"text": "8.", "score": 5}]}"#,
+        "\n",
+        r#"{"prompt": "What is 5 plus 5?", "responses": [{"text": "10 is the answer because five and five make ten.", "score": 9}, {"text": "11.", "score": 1}]}"#
+    );
+    let report =
+        parse_jsonl(text, "t", DataFormat::Simple, ScoreField::Overall, false).expect("parse");
+    let tok = tokenizer();
+    let (examples, counts) = tokenize_records(&report.records, &tok, 64, 20).expect("tokenize");
+    assert_eq!(
+        (
+            counts.kept,
+            counts.all_scores_equal,
+            counts.fewer_than_two_responses
+        ),
+        (2, 1, 1)
+    );
+    assert_eq!(examples.len(), 2);
+    assert!(
+        counts.truncated_responses >= 1,
+        "the long answer is cut at 20 tokens"
+    );
+    let long = &examples[1].responses[0];
+    assert!(!long.ends_with(2) && long.prompt.len() + long.response.len() == 20);
+    assert!(examples[0].responses.iter().all(|r| r.ends_with(2)));
+}
+
+/// Losses of steps 3 and 4 of an uninterrupted run equal those of a run stopped after step
+/// 2, saved, and resumed in a fresh trainer.
+#[test]
+fn resume_continues_exactly() {
+    tch::set_num_threads(1);
+    let (train, eval) = split_eval(examples(), 0.125, 7);
+    let dir = tempfile::tempdir().expect("temp dir");
+    let straight_dir = dir.path().join("straight");
+    let mut straight = Trainer::new(
+        tiny_model(3),
+        loss(),
+        train.clone(),
+        eval.clone(),
+        2,
+        config(&straight_dir, 4),
+    )
+    .expect("trainer");
+    let uninterrupted: Vec<f64> = (0..4)
+        .map(|_| straight.train_step().expect("step").loss)
+        .collect();
+
+    let resumed_dir = dir.path().join("resumed");
+    let mut first = Trainer::new(
+        tiny_model(3),
+        loss(),
+        train.clone(),
+        eval.clone(),
+        2,
+        config(&resumed_dir, 4),
+    )
+    .expect("trainer");
+    let early: Vec<f64> = (0..2)
+        .map(|_| first.train_step().expect("step").loss)
+        .collect();
+    let checkpoint = first.save_checkpoint().expect("save");
+    drop(first);
+    // A fresh process would start from a fresh model: a different random init on purpose.
+    let mut second = Trainer::new(
+        tiny_model(99),
+        loss(),
+        train,
+        eval,
+        2,
+        config(&resumed_dir, 4),
+    )
+    .expect("trainer");
+    second.resume(&checkpoint).expect("resume");
+    assert_eq!(second.step(), 2);
+    let late: Vec<f64> = (0..2)
+        .map(|_| second.train_step().expect("step").loss)
+        .collect();
+    assert_eq!(early, uninterrupted[..2]);
+    assert_eq!(
+        late,
+        uninterrupted[2..],
+        "resumed losses equal the uninterrupted ones"
+    );
+}
+
+#[test]
+fn a_failed_write_leaves_the_previous_checkpoint_loadable() {
+    let model = tiny_model(1);
+    let dir = tempfile::tempdir().expect("temp dir");
+    let folder = dir.path().join("checkpoint-1");
+    model
+        .save_pretrained(
+            &folder,
+            SaveOptions {
+                kind: Kind::Float,
+                shard_bytes: 50_000,
+            },
+        )
+        .expect("save");
+    // A write that dies midway: the last tensor cannot be stored (a complex kind), after
+    // several shards were already written.
+    let mut tensors: Vec<(String, Tensor)> = model.var_store().variables().into_iter().collect();
+    tensors.sort_by(|a, b| a.0.cmp(&b.0));
+    tensors.push((
+        "broken".into(),
+        Tensor::zeros([2], (Kind::ComplexFloat, Device::Cpu)),
+    ));
+    let options = SaveOptions {
+        kind: Kind::Float,
+        shard_bytes: 50_000,
+    };
+    let err = refa_loss::mistral::write_checkpoint(&folder, &tensors, &[], options).unwrap_err();
+    assert!(err.to_string().contains("broken"), "{err}");
+    let reloaded = Mistral::from_pretrained(&folder, Device::Cpu, Kind::Float, None)
+        .expect("previous checkpoint loads");
+    let ids = Tensor::from_slice2(&[[1i64, 5, 9, 2]]);
+    let a = model
+        .forward(&ids, &ids.ones_like(), false)
+        .expect("forward");
+    let b = reloaded
+        .forward(&ids, &ids.ones_like(), false)
+        .expect("forward");
+    assert_eq!((a - b).abs().max().double_value(&[]), 0.0);
+}
+
+#[test]
+fn a_short_run_lowers_the_loss_and_its_checkpoints_load_in_the_mistral_loader() {
+    tch::set_num_threads(2);
+    let (train, eval) = split_eval(examples(), 0.125, 7);
+    let dir = tempfile::tempdir().expect("temp dir");
+    let mut cfg = config(dir.path(), 30);
+    cfg.save_every = 10;
+    cfg.eval_every = 15;
+    let mut trainer = Trainer::new(tiny_model(3), loss(), train, eval, 2, cfg).expect("trainer");
+    let summary = trainer.run(&AtomicBool::new(false), |_| {}).expect("run");
+    assert_eq!(summary.steps, 30);
+    let mean = |ms: &[refa_loss::train::StepMetrics]| {
+        ms.iter().map(|m| m.loss).sum::<f64>() / ms.len() as f64
+    };
+    let (first, last) = (mean(&summary.history[..5]), mean(&summary.history[25..]));
+    assert!(
+        last < first * 0.8,
+        "loss falls: first 5 steps {first:.4}, last 5 {last:.4}"
+    );
+    assert_eq!(summary.evaluations.len(), 2);
+
+    // Only the newest two checkpoints are kept, and they are Hugging Face checkpoints.
+    let mut kept: Vec<String> = std::fs::read_dir(dir.path())
+        .expect("list")
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .filter(|n| n.starts_with("checkpoint-"))
+        .collect();
+    kept.sort();
+    assert_eq!(kept, vec!["checkpoint-20", "checkpoint-30"]);
+    let last_checkpoint = summary.last_checkpoint.expect("checkpoint");
+    let loaded =
+        Mistral::from_pretrained(&last_checkpoint, Device::Cpu, Kind::Float, None).expect("load");
+    let ids = Tensor::from_slice2(&[[1i64, 40, 41, 42, 2]]);
+    let a = trainer
+        .model()
+        .forward(&ids, &ids.ones_like(), false)
+        .expect("forward");
+    let b = loaded
+        .forward(&ids, &ids.ones_like(), false)
+        .expect("forward");
+    assert_eq!((a - b).abs().max().double_value(&[]), 0.0);
+    let lines = std::fs::read_to_string(dir.path().join("metrics.jsonl")).expect("metrics");
+    assert_eq!(
+        lines
+            .lines()
+            .filter(|l| l.contains("\"grad_norm\""))
+            .count(),
+        30
+    );
+    assert!(lines.lines().any(|l| l.contains("eval/loss")));
+}
