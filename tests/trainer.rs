@@ -43,7 +43,14 @@ fn examples() -> Vec<TokenizedExample> {
         .0
 }
 
+/// Random initialization draws from libtorch's global generator; tests run on parallel
+/// threads, so model creation is serialized to keep each model's weights a function of its seed.
+static TORCH_RNG: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 fn tiny_model(seed: i64) -> Mistral {
+    let _rng = TORCH_RNG
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
     let text = std::fs::read_to_string(data_file("tiny-config.json")).expect("config");
     let model = Mistral::new(
         MistralConfig::from_json(&text).expect("config"),

@@ -18,6 +18,7 @@
 
 mod checkpoint;
 mod config;
+mod generate;
 mod layers;
 mod lora;
 mod model;
@@ -26,6 +27,7 @@ mod tokenizer;
 
 pub use checkpoint::{safetensors_bytes, write_checkpoint, CheckpointReader, SaveOptions};
 pub use config::{MistralConfig, RopeParameters};
+pub use generate::GenerationOptions;
 pub use lora::{LoraConfig, LoraTarget};
 pub use model::Mistral;
 pub use recompute::ForwardPass;

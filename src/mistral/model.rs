@@ -103,7 +103,9 @@ impl Mistral {
         Ok(model)
     }
 
-    /// Random weights like Hugging Face's initialization (normal, σ = 0.02; norms at 1).
+    /// Random weights like Hugging Face's initialization (normal, σ = 0.02; norms at 1),
+    /// drawn from libtorch's global generator after seeding it with `seed` (so concurrent
+    /// draws on other threads would interleave with these).
     pub fn init_random(&self, seed: i64) {
         tch::manual_seed(seed);
         tch::no_grad(|| {
@@ -194,7 +196,8 @@ impl Mistral {
 
     /// Hidden states `[N, T, H]` after the final norm, for right-padded `input_ids` `[N, T]`
     /// (i64) and `attention_mask` `[N, T]` (1 or true for tokens). `train` enables LoRA
-    /// dropout.
+    /// dropout, whose masks come from libtorch's global generator, reseeded per layer (see
+    /// [`forward_pass`](Self::forward_pass)).
     pub fn forward(
         &self,
         input_ids: &Tensor,
@@ -242,18 +245,30 @@ impl Mistral {
         let (cos, sin) = self.rotary.cos_sin(shape[1], self.kind);
         let valid = attention_mask.to_device(self.embed.device()).ne(0);
         let mask = layers::attention_mask(&valid, self.config.sliding_window);
+        // Without a mask, the whole sequence attends causally.
+        let causal = mask.is_none();
         let context = AttentionContext {
             cos,
             sin,
             mask,
+            causal,
             config: self.config.clone(),
         };
-        Ok((
-            self.embed
-                .index_select(0, &input_ids.flatten(0, -1))
-                .view([shape[0], shape[1], -1]),
-            context,
-        ))
+        Ok((self.embed_tokens(input_ids), context))
+    }
+
+    /// Rotary tables for positions `offset..offset + count`.
+    pub(crate) fn rotary_tables(&self, offset: i64, count: i64) -> (Tensor, Tensor) {
+        let (cos, sin) = self.rotary.cos_sin(offset + count, self.kind);
+        (cos.narrow(0, offset, count), sin.narrow(0, offset, count))
+    }
+
+    /// Embeddings `[N, t, H]` of token ids `[N, t]`.
+    pub(crate) fn embed_tokens(&self, input_ids: &Tensor) -> Tensor {
+        let shape = input_ids.size();
+        self.embed
+            .index_select(0, &input_ids.flatten(0, -1))
+            .view([shape[0], shape[1], -1])
     }
 
     /// The decoder layers, for the recomputing forward pass.
@@ -330,10 +345,20 @@ pub(crate) fn seed_dropout(seed: i64) {
 /// What every layer of one forward pass shares.
 #[derive(Debug)]
 pub(crate) struct AttentionContext {
-    cos: Tensor,
-    sin: Tensor,
-    mask: Option<Tensor>,
-    config: MistralConfig,
+    pub cos: Tensor,
+    pub sin: Tensor,
+    /// `[N or 1, 1, t, T]` (true = may attend), or `None` for plain (causal or full) attention.
+    pub mask: Option<Tensor>,
+    /// Without a mask: causal attention (a whole sequence) or full (one new token).
+    pub causal: bool,
+    pub config: MistralConfig,
+}
+
+/// One layer's cached keys and values `[N, kv_heads, T, d]` (before the GQA repeat).
+#[derive(Debug, Default)]
+pub(crate) struct LayerCache {
+    pub keys: Option<Tensor>,
+    pub values: Option<Tensor>,
 }
 
 fn target_path(target: LoraTarget) -> &'static str {
@@ -395,14 +420,32 @@ impl DecoderLayer {
 
     /// `x + attn(norm(x))`, then `+ mlp(norm(·))`.
     pub(crate) fn forward(&self, x: &Tensor, context: &AttentionContext, train: bool) -> Tensor {
+        self.forward_cached(x, context, train, None)
+    }
+
+    /// [`forward`](Self::forward) for new positions whose predecessors' keys and values are
+    /// in `cache` (which receives the new ones).
+    pub(crate) fn forward_cached(
+        &self,
+        x: &Tensor,
+        context: &AttentionContext,
+        train: bool,
+        cache: Option<&mut LayerCache>,
+    ) -> Tensor {
         let eps = context.config.rms_norm_eps;
-        let x = x + self.attention(&rms_norm(x, &self.input_norm, eps), context, train);
+        let x = x + self.attention(&rms_norm(x, &self.input_norm, eps), context, train, cache);
         let normed = rms_norm(&x, &self.post_attention_norm, eps);
         let gated = self.gate.forward(&normed, train).silu() * self.up.forward(&normed, train);
         &x + self.down.forward(&gated, train)
     }
 
-    fn attention(&self, x: &Tensor, context: &AttentionContext, train: bool) -> Tensor {
+    fn attention(
+        &self,
+        x: &Tensor,
+        context: &AttentionContext,
+        train: bool,
+        cache: Option<&mut LayerCache>,
+    ) -> Tensor {
         let c = &context.config;
         let (n, t) = (x.size()[0], x.size()[1]);
         let (heads, kv, d) = (c.num_attention_heads, c.kv_heads(), c.head_width());
@@ -412,12 +455,20 @@ impl DecoderLayer {
             &context.cos,
             &context.sin,
         );
-        let k = apply_rotary(
+        let mut k = apply_rotary(
             &split(self.k.forward(x, train), kv),
             &context.cos,
             &context.sin,
         );
-        let v = split(self.v.forward(x, train), kv);
+        let mut v = split(self.v.forward(x, train), kv);
+        if let Some(cache) = cache {
+            let extend = |old: &Option<Tensor>, new: &Tensor| match old {
+                Some(old) => Tensor::cat(&[old, new], 2),
+                None => new.shallow_clone(),
+            };
+            (k, v) = (extend(&cache.keys, &k), extend(&cache.values, &v));
+            (cache.keys, cache.values) = (Some(k.shallow_clone()), Some(v.shallow_clone()));
+        }
         let groups = heads / kv;
         let repeat = |y: Tensor| {
             if groups == 1 {
@@ -427,7 +478,7 @@ impl DecoderLayer {
             }
         };
         let (k, v) = (repeat(k), repeat(v));
-        let causal = context.mask.is_none();
+        let causal = context.causal;
         let out = Tensor::scaled_dot_product_attention(
             &q,
             &k,

@@ -1,0 +1,176 @@
+//! Generates answers with a checkpoint (greedy or sampled, with a key/value cache) and writes
+//! them in AlpacaEval's `model_outputs.json` format: `[{"instruction", "output", "generator"}]`.
+//!
+//! ```text
+//! scripts/cargo run --release --features trainer --example generate -- \
+//!     --model runs/refa/checkpoint-60 --tokenizer examples/data/tokenizer.json
+//! ```
+//!
+//! Prompts: `--prompts` is a JSON array or JSONL of objects with an `instruction` (AlpacaEval)
+//! or `prompt` field; by default the bundled sample's prompts.
+
+use std::path::PathBuf;
+
+use clap::{Parser, ValueEnum};
+use refa_loss::device;
+use refa_loss::mistral::{ChatTemplate, ChatTokenizer, GenerationOptions, Mistral};
+use tch::Kind;
+
+const SAMPLE_DATA: &str = include_str!("data/sample.jsonl");
+
+#[derive(Parser, Debug)]
+#[command(about = "Generate answers with a checkpoint, in AlpacaEval's model_outputs.json format")]
+struct Args {
+    /// Hugging Face checkpoint folder (config.json, safetensors).
+    #[arg(long)]
+    model: PathBuf,
+    /// tokenizer.json (default: the checkpoint folder's).
+    #[arg(long)]
+    tokenizer: Option<PathBuf>,
+    /// Chat template.
+    #[arg(long, value_enum, default_value_t = Template::Mistral)]
+    template: Template,
+    /// Prompts file (JSON array or JSONL with `instruction` or `prompt`); default: the bundled sample's.
+    #[arg(long)]
+    prompts: Option<PathBuf>,
+    /// Output file.
+    #[arg(long, default_value = "model_outputs.json")]
+    output: PathBuf,
+    /// The `generator` name written with each output (default: the checkpoint folder's name).
+    #[arg(long)]
+    generator: Option<String>,
+    /// Most new tokens per answer.
+    #[arg(long, default_value_t = 256)]
+    max_new_tokens: usize,
+    /// 0 for greedy decoding, else the sampling temperature.
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f64,
+    /// Nucleus sampling threshold.
+    #[arg(long, default_value_t = 1.0)]
+    top_p: f64,
+    /// Sampling seed.
+    #[arg(long, default_value_t = 0)]
+    seed: i64,
+    /// Only the first N prompts.
+    #[arg(long)]
+    limit: Option<usize>,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum Template {
+    Mistral,
+    Zephyr,
+}
+
+fn main() {
+    if let Err(message) = run(Args::parse()) {
+        eprintln!("error: {message}");
+        std::process::exit(1);
+    }
+}
+
+fn run(args: Args) -> Result<(), String> {
+    let device = device::cuda_if_available();
+    let kind = if device.is_cuda() {
+        Kind::BFloat16
+    } else {
+        Kind::Float
+    };
+    let model =
+        Mistral::from_pretrained(&args.model, device, kind, None).map_err(|e| e.to_string())?;
+    let template = match args.template {
+        Template::Mistral => ChatTemplate::MistralInstruct,
+        Template::Zephyr => ChatTemplate::Zephyr,
+    };
+    let tokenizer_path = args
+        .tokenizer
+        .clone()
+        .unwrap_or_else(|| args.model.join("tokenizer.json"));
+    let config = model.config();
+    let tokenizer = ChatTokenizer::from_file(
+        &tokenizer_path,
+        template,
+        config.bos_token_id,
+        config.eos_token_id,
+    )
+    .map_err(|e| e.to_string())?;
+    let mut prompts = read_prompts(&args)?;
+    prompts.truncate(args.limit.unwrap_or(usize::MAX));
+    let generator = args.generator.clone().unwrap_or_else(|| {
+        args.model
+            .file_name()
+            .map(|n| n.to_string_lossy().to_string())
+            .unwrap_or_else(|| "refa-loss".into())
+    });
+    let options = GenerationOptions {
+        max_new_tokens: args.max_new_tokens,
+        temperature: args.temperature,
+        top_p: args.top_p,
+        seed: args.seed,
+    };
+    let mut outputs = Vec::with_capacity(prompts.len());
+    let mut lengths = Vec::with_capacity(prompts.len());
+    for (i, prompt) in prompts.iter().enumerate() {
+        let ids = tokenizer.encode_prompt(prompt).map_err(|e| e.to_string())?;
+        let new = model
+            .generate(
+                &ids,
+                &GenerationOptions {
+                    seed: options.seed + i as i64,
+                    ..options
+                },
+            )
+            .map_err(|e| e.to_string())?;
+        let text = tokenizer.decode(&new).map_err(|e| e.to_string())?;
+        lengths.push(text.chars().count());
+        outputs.push(
+            serde_json::json!({ "instruction": prompt, "output": text, "generator": generator }),
+        );
+    }
+    let json = serde_json::to_string_pretty(&outputs).map_err(|e| e.to_string())?;
+    if let Some(parent) = args.output.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::create_dir_all(parent).map_err(|e| format!("{}: {e}", parent.display()))?;
+    }
+    std::fs::write(&args.output, json).map_err(|e| format!("{}: {e}", args.output.display()))?;
+    let mean = lengths.iter().sum::<usize>() as f64 / lengths.len().max(1) as f64;
+    println!(
+        "{} answers written to {} (mean length {mean:.0} characters)",
+        outputs.len(),
+        args.output.display()
+    );
+    if let Some(first) = outputs.first() {
+        println!("first: {} -> {}", first["instruction"], first["output"]);
+    }
+    Ok(())
+}
+
+fn read_prompts(args: &Args) -> Result<Vec<String>, String> {
+    let text = match &args.prompts {
+        Some(path) => {
+            std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?
+        }
+        None => SAMPLE_DATA.to_string(),
+    };
+    let values: Vec<serde_json::Value> = match serde_json::from_str::<serde_json::Value>(&text) {
+        Ok(serde_json::Value::Array(items)) => items,
+        _ => text
+            .lines()
+            .filter(|l| !l.trim().is_empty())
+            .enumerate()
+            .map(|(i, l)| {
+                serde_json::from_str(l).map_err(|e| format!("prompts line {}: {e}", i + 1))
+            })
+            .collect::<Result<_, _>>()?,
+    };
+    values
+        .iter()
+        .enumerate()
+        .map(|(i, v)| {
+            v.get("instruction")
+                .or_else(|| v.get("prompt"))
+                .and_then(|p| p.as_str())
+                .map(str::to_string)
+                .ok_or_else(|| format!("prompt {}: no `instruction` or `prompt` string", i + 1))
+        })
+        .collect()
+}
