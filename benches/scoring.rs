@@ -131,7 +131,15 @@ fn main() {
     println!("scoring step, N = {SEQUENCES}, T = {POSITIONS}, H = {WIDTH}, f32, CPU (2 threads)");
     println!("| V | head | plain s | chunked s | time chunked/plain | plain peak MiB | chunked peak MiB | memory chunked/plain |");
     println!("|---:|---|---:|---:|---:|---:|---:|---:|");
-    for vocab in VOCABULARIES {
+    // `-- --vocab 128000` runs one vocabulary only.
+    let only: Option<i64> = args
+        .iter()
+        .position(|a| a == "--vocab")
+        .and_then(|i| args.get(i + 1)?.parse().ok());
+    for vocab in VOCABULARIES
+        .into_iter()
+        .filter(|v| only.is_none_or(|o| o == *v))
+    {
         for head in ["trained", "frozen"] {
             let run = |path: &str| measure(path, vocab, head);
             let (plain, chunked) = (run("plain"), run("chunked"));

@@ -373,3 +373,46 @@ fn a_short_run_lowers_the_loss_and_its_checkpoints_load_in_the_mistral_loader() 
     );
     assert!(lines.lines().any(|l| l.contains("eval/loss")));
 }
+
+/// Weights that turn non-finite (here: poisoned by hand after two good steps) stop the run
+/// with an error naming the step and the last good checkpoint, which stays loadable.
+#[test]
+fn a_non_finite_loss_stops_the_run_and_keeps_the_last_checkpoint() {
+    let (train, eval) = split_eval(examples(), 0.125, 7);
+    let dir = tempfile::tempdir().expect("temp dir");
+    let mut trainer = Trainer::new(
+        tiny_model(4),
+        loss(),
+        train,
+        eval,
+        2,
+        config(dir.path(), 10),
+    )
+    .expect("trainer");
+    trainer.train_step().expect("step 1");
+    trainer.train_step().expect("step 2");
+    let good = trainer.save_checkpoint().expect("save");
+    tch::no_grad(|| {
+        let weights = trainer.model().var_store().variables();
+        let _ = weights["model.norm.weight"].shallow_clone().fill_(f64::NAN);
+    });
+    let err = trainer.run(&AtomicBool::new(false), |_| {}).unwrap_err();
+    let RefaError::Diverged {
+        step,
+        last_checkpoint,
+        ..
+    } = &err
+    else {
+        panic!("expected Diverged, got {err}")
+    };
+    assert_eq!(*step, 3, "{err}");
+    assert_eq!(
+        last_checkpoint.as_deref(),
+        Some(good.to_str().expect("utf-8 path")),
+        "{err}"
+    );
+    let reloaded = Mistral::from_pretrained(&good, Device::Cpu, Kind::Float, None)
+        .expect("the last good checkpoint loads");
+    let norm = &reloaded.var_store().variables()["model.norm.weight"];
+    assert!(bool::try_from(norm.isfinite().all()).expect("bool"));
+}

@@ -239,17 +239,18 @@ fn write_shards(staging: &Path, tensors: &[(String, Tensor)], options: SaveOptio
             t.kind().elt_size_in_bytes()
         }
     };
-    let mut shards: Vec<Vec<&(String, Tensor)>> = vec![Vec::new()];
-    let mut current = 0u64;
+    let mut shards: Vec<Vec<&(String, Tensor)>> = Vec::new();
+    let (mut shard, mut shard_size) = (Vec::new(), 0u64);
     for entry in tensors {
         let size = (entry.1.numel() * element(&entry.1)) as u64;
-        if current > 0 && current + size > options.shard_bytes {
-            shards.push(Vec::new());
-            current = 0;
+        if !shard.is_empty() && shard_size + size > options.shard_bytes {
+            shards.push(std::mem::take(&mut shard));
+            shard_size = 0;
         }
-        shards.last_mut().expect("one shard at least").push(entry);
-        current += size;
+        shard.push(entry);
+        shard_size += size;
     }
+    shards.push(shard);
     let count = shards.len();
     let mut weight_map = serde_json::Map::new();
     let mut total_size = 0u64;

@@ -427,16 +427,26 @@ impl Trainer {
         Ok(())
     }
 
-    /// Wraps a training error with the step and the last good checkpoint.
+    /// Turns a non-finite loss, gradient or model output into [`RefaError::Diverged`], with
+    /// the step and the last good checkpoint.
     fn diverged(&self, error: RefaError) -> RefaError {
-        match error {
-            RefaError::NonFiniteLoss { loss, value } => RefaError::Diverged {
-                step: self.step + 1,
-                message: format!("{loss} is {value}"),
-                last_checkpoint: latest_checkpoint(&self.config.output_dir)
-                    .map(|p| p.display().to_string()),
-            },
-            other => other,
+        let message = match &error {
+            RefaError::NonFiniteLoss { loss, value } => format!("{loss} is {value}"),
+            RefaError::InvalidValue {
+                tensor,
+                position,
+                value,
+                ..
+            } if matches!(*tensor, "logp_sum" | "eos_logp" | "eos_logp_steps") => {
+                format!("the model's `{tensor}` is {value} at {position}")
+            }
+            _ => return error,
+        };
+        RefaError::Diverged {
+            step: self.step + 1,
+            message,
+            last_checkpoint: latest_checkpoint(&self.config.output_dir)
+                .map(|p| p.display().to_string()),
         }
     }
 }
