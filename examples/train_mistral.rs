@@ -25,7 +25,9 @@ use refa_loss::mistral::{
     ChatTemplate, ChatTokenizer, LoraConfig, LoraTarget, Mistral, MistralConfig,
 };
 use refa_loss::scoring::ScoringConfig;
-use refa_loss::train::{latest_checkpoint, CosineSchedule, StepMetrics, TrainConfig, Trainer};
+use refa_loss::train::{
+    latest_checkpoint, plot_history, CosineSchedule, StepMetrics, TrainConfig, Trainer,
+};
 use refa_loss::{
     device, DeviationMode, Dpo, EosMode, EosRegularizer, InfoNca, InfoNcaVariant, Mpo,
     PreferenceLoss, RefaDynamic, RefaOneVsAll, Regularized, SimPo, TargetLength,
@@ -328,6 +330,13 @@ fn run(args: Args) -> Result<(), String> {
     bar.finish_and_clear();
     let after = trainer.evaluate().map_err(|e| e.to_string())?;
     print_summary(&summary.history, &before, &after);
+    let evaluations: Vec<StepMetrics> = std::iter::once(before.clone())
+        .chain(summary.evaluations.iter().cloned())
+        .chain(std::iter::once(after.clone()))
+        .collect();
+    let plot = args.output_dir.join("training.png");
+    plot_history(&summary.history, &evaluations, &plot).map_err(|e| e.to_string())?;
+    println!("plot: {}", plot.display());
     if let Some(path) = &summary.last_checkpoint {
         let how = if summary.interrupted {
             "interrupted; saved"

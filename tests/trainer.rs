@@ -416,3 +416,40 @@ fn a_non_finite_loss_stops_the_run_and_keeps_the_last_checkpoint() {
     let norm = &reloaded.var_store().variables()["model.norm.weight"];
     assert!(bool::try_from(norm.isfinite().all()).expect("bool"));
 }
+
+#[test]
+fn training_curves_are_plotted_as_a_png() {
+    use refa_loss::train::{plot_history, StepMetrics};
+    let history: Vec<StepMetrics> = (1..=40)
+        .map(|step| StepMetrics {
+            step,
+            loss: 1.0 / step as f64,
+            margin: step as f64 * 0.1,
+            positive_mass: 0.5,
+            ..StepMetrics::default()
+        })
+        .collect();
+    let evaluations = vec![StepMetrics {
+        step: 20,
+        loss: 0.06,
+        ..StepMetrics::default()
+    }];
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = dir.path().join("training.png");
+    plot_history(&history, &evaluations, &path).expect("plot");
+    let decoder = png::Decoder::new(std::io::BufReader::new(
+        std::fs::File::open(&path).expect("png"),
+    ));
+    let mut reader = decoder.read_info().expect("png header");
+    let mut pixels = vec![0; reader.output_buffer_size()];
+    let info = reader.next_frame(&mut pixels).expect("png data");
+    assert_eq!((info.width, info.height), (920, 640), "2 × 2 panels");
+    let colored = pixels
+        .chunks(3)
+        .filter(|p| p[0] == 31 && p[1] == 119 && p[2] == 180)
+        .count();
+    assert!(
+        colored > 500,
+        "the training curves are drawn ({colored} pixels)"
+    );
+}

@@ -1,13 +1,15 @@
 //! The training loop (cargo feature `trainer`): AdamW with warmup and cosine decay,
 //! gradient accumulation and clipping, evaluation, metrics, atomic checkpoints and exact
-//! resumption.
+//! resumption, and PNG plots of the curves.
 
 mod metrics;
 mod optimizer;
+mod plot;
 mod state;
 mod trainer;
 
 pub use metrics::{MetricsLog, StepMetrics};
 pub use optimizer::{AdamW, CosineSchedule};
+pub use plot::{plot_history, render_png, Panel, Series};
 pub use state::TrainerState;
 pub use trainer::{checkpoint_name, latest_checkpoint, RunSummary, TrainConfig, Trainer};
