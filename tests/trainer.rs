@@ -453,3 +453,91 @@ fn training_curves_are_plotted_as_a_png() {
         "the training curves are drawn ({colored} pixels)"
     );
 }
+
+/// The URSLA probe on a model whose per-token probabilities are known: with every weight
+/// zero the logits are zero, every token has probability 1/V, and every bucket's mean NLL is
+/// ln V exactly.
+#[test]
+fn the_ursla_probe_recovers_a_known_per_token_nll() {
+    use refa_loss::train::{length_buckets, response_nll};
+    let text = std::fs::read_to_string(data_file("tiny-config.json")).expect("config");
+    let config = MistralConfig::from_json(&text).expect("config");
+    let vocab = config.vocab_size as f64;
+    let uniform = Mistral::new(config, Device::Cpu, Kind::Float, None); // all weights zero
+    let report = read_jsonl(
+        data_file("sample.jsonl"),
+        DataFormat::Simple,
+        ScoreField::Overall,
+        false,
+    )
+    .expect("sample");
+    let all =
+        refa_loss::data::tokenize_all(&report.records, &tokenizer(), 128, 256).expect("tokenize");
+    let samples = response_nll(&uniform, &all, 8, &ScoringConfig::new(2)).expect("probe");
+    assert_eq!(samples.len(), 64 * 4);
+    let buckets = length_buckets(&samples, 5);
+    assert_eq!(
+        buckets.iter().map(|b| b.count).sum::<usize>(),
+        samples.len()
+    );
+    for b in &buckets {
+        assert!(
+            (b.mean_nll - vocab.ln()).abs() < 1e-5 && b.std_error < 1e-5,
+            "{b:?}"
+        );
+        assert!(b.min_length <= b.max_length);
+    }
+    assert!(
+        buckets
+            .windows(2)
+            .all(|w| w[0].max_length < w[1].min_length),
+        "buckets are disjoint and ordered"
+    );
+
+    // Synthetic samples following URSLA (nll = 0.3 + 2/length) give falling bucket means.
+    let synthetic: Vec<(usize, f64)> = (1..=100).map(|len| (len, 0.3 + 2.0 / len as f64)).collect();
+    let buckets = length_buckets(&synthetic, 5);
+    assert_eq!(buckets.len(), 5);
+    assert!(buckets.windows(2).all(|w| w[1].mean_nll < w[0].mean_nll));
+}
+
+/// A stop request (what Ctrl-C sends in the example) ends the run after the current step
+/// with a checkpoint of that step, from which training resumes.
+#[test]
+fn a_stop_request_saves_a_checkpoint_and_exits() {
+    use std::sync::atomic::Ordering;
+    let (train, eval) = split_eval(examples(), 0.125, 7);
+    let dir = tempfile::tempdir().expect("temp dir");
+    let mut trainer = Trainer::new(
+        tiny_model(5),
+        loss(),
+        train.clone(),
+        eval.clone(),
+        2,
+        config(dir.path(), 20),
+    )
+    .expect("trainer");
+    let stop = AtomicBool::new(false);
+    let summary = trainer
+        .run(&stop, |m| {
+            if m.step == 3 {
+                stop.store(true, Ordering::SeqCst);
+            }
+        })
+        .expect("run");
+    assert!(summary.interrupted);
+    assert_eq!(summary.steps, 3);
+    let checkpoint = summary.last_checkpoint.expect("checkpoint");
+    assert!(checkpoint.ends_with("checkpoint-3"));
+    let mut resumed = Trainer::new(
+        tiny_model(6),
+        loss(),
+        train,
+        eval,
+        2,
+        config(dir.path(), 20),
+    )
+    .expect("trainer");
+    resumed.resume(&checkpoint).expect("resume");
+    assert_eq!(resumed.step(), 3);
+}

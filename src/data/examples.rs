@@ -46,20 +46,44 @@ pub fn tokenize_records(
             report.all_scores_equal += 1;
             continue;
         }
-        let responses = record
+        let example = tokenize_record(record, tokenizer, max_prompt, max_total)?;
+        report.truncated_responses += example
             .responses
-            .iter()
-            .map(|r| tokenizer.encode(&record.prompt, &r.text, max_prompt, max_total))
-            .collect::<Result<Vec<_>>>()?;
-        report.truncated_responses += responses
             .iter()
             .filter(|e| !e.ends_with(tokenizer.eos_id()))
             .count();
-        examples.push(TokenizedExample {
-            responses,
-            rewards: record.responses.iter().map(|r| r.score).collect(),
-        });
+        examples.push(example);
         report.kept += 1;
     }
     Ok((examples, report))
+}
+
+/// Tokenizes every record, preference or not (for analyses such as the URSLA probe).
+pub fn tokenize_all(
+    records: &[PreferenceRecord],
+    tokenizer: &ChatTokenizer,
+    max_prompt: usize,
+    max_total: usize,
+) -> Result<Vec<TokenizedExample>> {
+    records
+        .iter()
+        .map(|r| tokenize_record(r, tokenizer, max_prompt, max_total))
+        .collect()
+}
+
+fn tokenize_record(
+    record: &PreferenceRecord,
+    tokenizer: &ChatTokenizer,
+    max_prompt: usize,
+    max_total: usize,
+) -> Result<TokenizedExample> {
+    let responses = record
+        .responses
+        .iter()
+        .map(|r| tokenizer.encode(&record.prompt, &r.text, max_prompt, max_total))
+        .collect::<Result<Vec<_>>>()?;
+    Ok(TokenizedExample {
+        responses,
+        rewards: record.responses.iter().map(|r| r.score).collect(),
+    })
 }

@@ -6,7 +6,7 @@ mod examples;
 mod records;
 
 pub use batches::{collate, split_eval, Collated, DataOrder};
-pub use examples::{tokenize_records, TokenizeReport, TokenizedExample};
+pub use examples::{tokenize_all, tokenize_records, TokenizeReport, TokenizedExample};
 pub use records::{
     parse_jsonl, read_jsonl, DataFormat, PreferenceRecord, ReadReport, ScoreField, ScoredResponse,
 };

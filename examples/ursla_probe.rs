@@ -1,0 +1,155 @@
+//! The URSLA probe (the paper's Table 2): each response's mean per-token negative
+//! log-probability under a checkpoint, bucketed by response length, as a table and a plot.
+//!
+//! ```text
+//! scripts/cargo run --release --features trainer --example ursla_probe -- \
+//!     --model runs/refa/checkpoint-60 --tokenizer examples/data/tokenizer.json
+//! ```
+//!
+//! The paper reports, for Mistral-7B on Alpaca, a mean NLL falling from 0.493 to 0.336 over
+//! five length buckets: longer responses are more certain per token (URSLA).
+
+use std::path::PathBuf;
+
+use clap::{Parser, ValueEnum};
+use refa_loss::data::{parse_jsonl, read_jsonl, tokenize_all, DataFormat, ScoreField};
+use refa_loss::device;
+use refa_loss::mistral::{ChatTemplate, ChatTokenizer, Mistral};
+use refa_loss::scoring::ScoringConfig;
+use refa_loss::train::{length_buckets, render_png, response_nll, Panel, Series};
+use tch::Kind;
+
+const SAMPLE_DATA: &str = include_str!("data/sample.jsonl");
+
+#[derive(Parser, Debug)]
+#[command(about = "Mean per-token NLL of responses by length bucket (the paper's URSLA probe)")]
+struct Args {
+    /// Hugging Face checkpoint folder.
+    #[arg(long)]
+    model: PathBuf,
+    /// tokenizer.json (default: the checkpoint folder's).
+    #[arg(long)]
+    tokenizer: Option<PathBuf>,
+    /// Chat template.
+    #[arg(long, value_enum, default_value_t = Template::Mistral)]
+    template: Template,
+    /// Responses to probe, in the trainer's formats (default: the bundled sample).
+    #[arg(long)]
+    data: Option<PathBuf>,
+    /// UltraFeedback format instead of the simple one.
+    #[arg(long)]
+    ultrafeedback: bool,
+    /// Number of length buckets.
+    #[arg(long, default_value_t = 5)]
+    buckets: usize,
+    /// Where the plot goes.
+    #[arg(long, default_value = "ursla.png")]
+    plot: PathBuf,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum Template {
+    Mistral,
+    Zephyr,
+}
+
+fn main() {
+    if let Err(message) = run(Args::parse()) {
+        eprintln!("error: {message}");
+        std::process::exit(1);
+    }
+}
+
+fn run(args: Args) -> Result<(), String> {
+    let device = device::cuda_if_available();
+    let kind = if device.is_cuda() {
+        Kind::BFloat16
+    } else {
+        Kind::Float
+    };
+    let model =
+        Mistral::from_pretrained(&args.model, device, kind, None).map_err(|e| e.to_string())?;
+    let template = match args.template {
+        Template::Mistral => ChatTemplate::MistralInstruct,
+        Template::Zephyr => ChatTemplate::Zephyr,
+    };
+    let config = model.config();
+    let tokenizer_path = args
+        .tokenizer
+        .clone()
+        .unwrap_or_else(|| args.model.join("tokenizer.json"));
+    let tokenizer = ChatTokenizer::from_file(
+        &tokenizer_path,
+        template,
+        config.bos_token_id,
+        config.eos_token_id,
+    )
+    .map_err(|e| e.to_string())?;
+    let format = if args.ultrafeedback {
+        DataFormat::UltraFeedback
+    } else {
+        DataFormat::Simple
+    };
+    let report = match &args.data {
+        Some(path) => read_jsonl(path, format, ScoreField::Overall, false),
+        None => parse_jsonl(
+            SAMPLE_DATA,
+            "bundled sample.jsonl",
+            DataFormat::Simple,
+            ScoreField::Overall,
+            false,
+        ),
+    }
+    .map_err(|e| e.to_string())?;
+    // Every response counts here, preference or not.
+    let examples =
+        tokenize_all(&report.records, &tokenizer, 512, 2048).map_err(|e| e.to_string())?;
+    let samples = response_nll(
+        &model,
+        &examples,
+        8,
+        &ScoringConfig::new(config.eos_token_id),
+    )
+    .map_err(|e| e.to_string())?;
+    let buckets = length_buckets(&samples, args.buckets);
+    println!(
+        "{} responses; mean per-token NLL by length bucket:\n",
+        samples.len()
+    );
+    println!("| bucket | lengths (tokens) | count | mean NLL | std. error |");
+    println!("|---:|---|---:|---:|---:|");
+    for (i, b) in buckets.iter().enumerate() {
+        println!(
+            "| {} | {}–{} | {} | {:.3} | {:.3} |",
+            i + 1,
+            b.min_length,
+            b.max_length,
+            b.count,
+            b.mean_nll,
+            b.std_error
+        );
+    }
+    let falls = buckets.windows(2).all(|w| w[1].mean_nll < w[0].mean_nll);
+    println!(
+        "\nNLL falls monotonically with length: {}",
+        if falls { "yes" } else { "no" }
+    );
+    let points = buckets
+        .iter()
+        .map(|b| ((b.min_length + b.max_length) as f64 / 2.0, b.mean_nll))
+        .collect();
+    let series = Series {
+        name: "mean nll".into(),
+        points,
+        color: [31, 119, 180],
+        markers: true,
+    };
+    let panel = Panel {
+        title: "per-token nll by length".into(),
+        x_label: "tokens".into(),
+        series: vec![series],
+    };
+    render_png(&[panel], 1, &args.plot).map_err(|e| e.to_string())?;
+    println!("plot: {}", args.plot.display());
+    Ok(())
+}
