@@ -9,12 +9,15 @@
 //! Prompts: `--prompts` is a JSON array or JSONL of objects with an `instruction` (AlpacaEval)
 //! or `prompt` field; by default the bundled sample's prompts.
 
+#[path = "common/mod.rs"]
+mod common;
+
 use std::path::PathBuf;
 
-use clap::{Parser, ValueEnum};
-use refa_loss::device;
-use refa_loss::mistral::{ChatTemplate, ChatTokenizer, GenerationOptions, Mistral};
-use tch::Kind;
+use common::Template;
+
+use clap::Parser;
+use refa_loss::mistral::GenerationOptions;
 
 const SAMPLE_DATA: &str = include_str!("data/sample.jsonl");
 
@@ -56,44 +59,13 @@ struct Args {
     limit: Option<usize>,
 }
 
-#[derive(Clone, Copy, Debug, ValueEnum)]
-enum Template {
-    Mistral,
-    Zephyr,
-}
-
 fn main() {
-    if let Err(message) = run(Args::parse()) {
-        eprintln!("error: {message}");
-        std::process::exit(1);
-    }
+    common::exit_on_error(run(Args::parse()));
 }
 
 fn run(args: Args) -> Result<(), String> {
-    let device = device::cuda_if_available();
-    let kind = if device.is_cuda() {
-        Kind::BFloat16
-    } else {
-        Kind::Float
-    };
-    let model =
-        Mistral::from_pretrained(&args.model, device, kind, None).map_err(|e| e.to_string())?;
-    let template = match args.template {
-        Template::Mistral => ChatTemplate::MistralInstruct,
-        Template::Zephyr => ChatTemplate::Zephyr,
-    };
-    let tokenizer_path = args
-        .tokenizer
-        .clone()
-        .unwrap_or_else(|| args.model.join("tokenizer.json"));
-    let config = model.config();
-    let tokenizer = ChatTokenizer::from_file(
-        &tokenizer_path,
-        template,
-        config.bos_token_id,
-        config.eos_token_id,
-    )
-    .map_err(|e| e.to_string())?;
+    let (model, tokenizer) =
+        common::load_for_inference(&args.model, args.tokenizer.as_deref(), args.template)?;
     let mut prompts = read_prompts(&args)?;
     prompts.truncate(args.limit.unwrap_or(usize::MAX));
     let generator = args.generator.clone().unwrap_or_else(|| {

@@ -12,11 +12,15 @@
 //! For a real run, point `--model` at a Hugging Face checkpoint folder (config.json,
 //! safetensors, tokenizer.json) and `--data` at UltraFeedback-style JSONL.
 
+#[path = "common/mod.rs"]
+mod common;
+
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use clap::{Parser, ValueEnum};
+use common::Template;
 use indicatif::{ProgressBar, ProgressStyle};
 use refa_loss::data::{
     parse_jsonl, read_jsonl, split_eval, tokenize_records, DataFormat, ScoreField,
@@ -190,11 +194,6 @@ struct Args {
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
-enum Template {
-    Mistral,
-    Zephyr,
-}
-#[derive(Clone, Copy, Debug, ValueEnum)]
 enum Format {
     Simple,
     Ultrafeedback,
@@ -241,10 +240,7 @@ enum DeviceName {
 }
 
 fn main() {
-    if let Err(message) = run(Args::parse()) {
-        eprintln!("error: {message}");
-        std::process::exit(1);
-    }
+    common::exit_on_error(run(Args::parse()));
 }
 
 fn run(args: Args) -> Result<(), String> {
@@ -393,10 +389,7 @@ fn load_model(
 }
 
 fn load_tokenizer(args: &Args, config: &MistralConfig) -> Result<ChatTokenizer, String> {
-    let template = match args.template {
-        Template::Mistral => ChatTemplate::MistralInstruct,
-        Template::Zephyr => ChatTemplate::Zephyr,
-    };
+    let template: ChatTemplate = args.template.into();
     let path = match (&args.tokenizer, &args.model) {
         (Some(path), _) => path.clone(),
         (None, Some(model)) => model.join("tokenizer.json"),

@@ -9,15 +9,17 @@
 //! The paper reports, for Mistral-7B on Alpaca, a mean NLL falling from 0.493 to 0.336 over
 //! five length buckets: longer responses are more certain per token (URSLA).
 
+#[path = "common/mod.rs"]
+mod common;
+
 use std::path::PathBuf;
 
-use clap::{Parser, ValueEnum};
+use common::Template;
+
+use clap::Parser;
 use refa_loss::data::{parse_jsonl, read_jsonl, tokenize_all, DataFormat, ScoreField};
-use refa_loss::device;
-use refa_loss::mistral::{ChatTemplate, ChatTokenizer, Mistral};
 use refa_loss::scoring::ScoringConfig;
 use refa_loss::train::{length_buckets, render_png, response_nll, Panel, Series};
-use tch::Kind;
 
 const SAMPLE_DATA: &str = include_str!("data/sample.jsonl");
 
@@ -47,44 +49,14 @@ struct Args {
     plot: PathBuf,
 }
 
-#[derive(Clone, Copy, Debug, ValueEnum)]
-enum Template {
-    Mistral,
-    Zephyr,
-}
-
 fn main() {
-    if let Err(message) = run(Args::parse()) {
-        eprintln!("error: {message}");
-        std::process::exit(1);
-    }
+    common::exit_on_error(run(Args::parse()));
 }
 
 fn run(args: Args) -> Result<(), String> {
-    let device = device::cuda_if_available();
-    let kind = if device.is_cuda() {
-        Kind::BFloat16
-    } else {
-        Kind::Float
-    };
-    let model =
-        Mistral::from_pretrained(&args.model, device, kind, None).map_err(|e| e.to_string())?;
-    let template = match args.template {
-        Template::Mistral => ChatTemplate::MistralInstruct,
-        Template::Zephyr => ChatTemplate::Zephyr,
-    };
+    let (model, tokenizer) =
+        common::load_for_inference(&args.model, args.tokenizer.as_deref(), args.template)?;
     let config = model.config();
-    let tokenizer_path = args
-        .tokenizer
-        .clone()
-        .unwrap_or_else(|| args.model.join("tokenizer.json"));
-    let tokenizer = ChatTokenizer::from_file(
-        &tokenizer_path,
-        template,
-        config.bos_token_id,
-        config.eos_token_id,
-    )
-    .map_err(|e| e.to_string())?;
     let format = if args.ultrafeedback {
         DataFormat::UltraFeedback
     } else {

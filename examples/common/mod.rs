@@ -1,0 +1,64 @@
+//! What the examples share: the chat-template flag, loading a checkpoint with its tokenizer
+//! for inference, and reporting errors.
+#![allow(dead_code)]
+
+use std::path::Path;
+
+use clap::ValueEnum;
+use refa_loss::device;
+use refa_loss::mistral::{ChatTemplate, ChatTokenizer, Mistral};
+use tch::Kind;
+
+/// The `--template` flag.
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum Template {
+    /// `[INST] … [/INST]`
+    Mistral,
+    /// `<|user|> … <|assistant|>`
+    Zephyr,
+}
+
+impl From<Template> for ChatTemplate {
+    fn from(template: Template) -> Self {
+        match template {
+            Template::Mistral => ChatTemplate::MistralInstruct,
+            Template::Zephyr => ChatTemplate::Zephyr,
+        }
+    }
+}
+
+/// A checkpoint (bf16 on a GPU, f32 on the CPU) and its tokenizer (`tokenizer`, else the
+/// checkpoint folder's `tokenizer.json`).
+pub fn load_for_inference(
+    folder: &Path,
+    tokenizer: Option<&Path>,
+    template: Template,
+) -> Result<(Mistral, ChatTokenizer), String> {
+    let device = device::cuda_if_available();
+    let kind = if device.is_cuda() {
+        Kind::BFloat16
+    } else {
+        Kind::Float
+    };
+    let model = Mistral::from_pretrained(folder, device, kind, None).map_err(|e| e.to_string())?;
+    let path = tokenizer
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| folder.join("tokenizer.json"));
+    let config = model.config();
+    let tokenizer = ChatTokenizer::from_file(
+        &path,
+        template.into(),
+        config.bos_token_id,
+        config.eos_token_id,
+    )
+    .map_err(|e| e.to_string())?;
+    Ok((model, tokenizer))
+}
+
+/// Runs `main`'s body, printing an error and exiting with status 1 on failure.
+pub fn exit_on_error(result: Result<(), String>) {
+    if let Err(message) = result {
+        eprintln!("error: {message}");
+        std::process::exit(1);
+    }
+}
