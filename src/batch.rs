@@ -216,19 +216,21 @@ impl PreferenceBatch {
         &self.mask
     }
 
-    /// `logp_sum` with masked slots replaced by 0, so that garbage there can neither reach a
-    /// loss nor receive a gradient (the `where` passes exactly zero gradient to them).
-    pub(crate) fn logp_sum(&self) -> Tensor {
+    /// `[P, K]` `logp_sum` in the compute kind, in the autograd graph, with masked slots
+    /// replaced by 0 so that garbage there can neither reach a loss nor receive a gradient
+    /// (the `where` passes exactly zero gradient to them). For losses written outside the
+    /// crate, as are the accessors below.
+    pub fn logp_sum(&self) -> Tensor {
         self.masked(&self.logp_sum, 0.0)
     }
 
-    /// `lengths` with masked slots replaced by 1, so that dividing by them is always safe.
-    pub(crate) fn lengths(&self) -> Tensor {
+    /// `[P, K]` `lengths` in the compute kind, masked slots replaced by 1 (safe to divide by).
+    pub fn lengths(&self) -> Tensor {
         self.masked(&self.lengths, 1.0)
     }
 
-    /// `ref_logp_sum` with masked slots replaced by 0, if the batch has it.
-    pub(crate) fn ref_logp_sum(&self) -> Option<Tensor> {
+    /// `[P, K]` `ref_logp_sum` with masked slots replaced by 0, if the batch has it.
+    pub fn ref_logp_sum(&self) -> Option<Tensor> {
         self.reference.as_ref().map(|r| self.masked(r, 0.0))
     }
 

@@ -105,6 +105,14 @@ pub struct MetricsSummary {
 }
 
 impl LossMetrics {
+    /// The metrics of a loss defined outside the crate: its value and how many of the
+    /// batch's prompts it used (`summary()` reports the rest as skipped; the contrast
+    /// statistics are `None`).
+    pub fn for_loss(loss: &Tensor, prompts_used: i64, prompts_total: i64) -> Self {
+        let used = Tensor::from(prompts_used as f64).to_device(loss.device());
+        Self::new(loss, used, prompts_total, None)
+    }
+
     /// Metrics of `loss` over `prompts_used` of `prompts_total` prompts; `eos` is
     /// `(eos_logp, valid & eos_mask)` when the batch has EOS inputs.
     pub(crate) fn new(
