@@ -15,6 +15,9 @@ use crate::validate::Hyperparameters;
 /// L = −log σ( β·(s_w − s_l) − γ_m )  −  λ_sft·s_w
 /// ```
 ///
+/// For data that comes as explicit (chosen, rejected) pairs, pass `K = 2` with rewards
+/// `(1, 0)`: the best and the worst response are then exactly the pair.
+///
 /// The optional SFT term (`sft_weight`) is the SimPO authors' `sft_weight` option: the
 /// negative mean token log-probability of the chosen response. At K = 2 and α = 0,
 /// [`RefaDynamic`](crate::RefaDynamic) equals SimPO with `γ_m = ln γ`.
