@@ -14,7 +14,7 @@ mod common;
 
 use std::path::PathBuf;
 
-use common::Template;
+use common::CheckpointArgs;
 
 use clap::Parser;
 use refa_loss::mistral::GenerationOptions;
@@ -24,15 +24,8 @@ const SAMPLE_DATA: &str = include_str!("data/sample.jsonl");
 #[derive(Parser, Debug)]
 #[command(about = "Generate answers with a checkpoint, in AlpacaEval's model_outputs.json format")]
 struct Args {
-    /// Hugging Face checkpoint folder (config.json, safetensors).
-    #[arg(long)]
-    model: PathBuf,
-    /// tokenizer.json (default: the checkpoint folder's).
-    #[arg(long)]
-    tokenizer: Option<PathBuf>,
-    /// Chat template.
-    #[arg(long, value_enum, default_value_t = Template::Mistral)]
-    template: Template,
+    #[command(flatten)]
+    checkpoint: CheckpointArgs,
     /// Prompts file (JSON array or JSONL with `instruction` or `prompt`); default: the bundled sample's.
     #[arg(long)]
     prompts: Option<PathBuf>,
@@ -64,12 +57,12 @@ fn main() {
 }
 
 fn run(args: Args) -> Result<(), String> {
-    let (model, tokenizer) =
-        common::load_for_inference(&args.model, args.tokenizer.as_deref(), args.template)?;
+    let (model, tokenizer) = args.checkpoint.load()?;
     let mut prompts = read_prompts(&args)?;
     prompts.truncate(args.limit.unwrap_or(usize::MAX));
     let generator = args.generator.clone().unwrap_or_else(|| {
-        args.model
+        args.checkpoint
+            .model
             .file_name()
             .map(|n| n.to_string_lossy().to_string())
             .unwrap_or_else(|| "refa-loss".into())

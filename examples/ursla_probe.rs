@@ -14,7 +14,7 @@ mod common;
 
 use std::path::PathBuf;
 
-use common::Template;
+use common::CheckpointArgs;
 
 use clap::Parser;
 use refa_loss::data::{parse_jsonl, read_jsonl, tokenize_all, DataFormat, ScoreField};
@@ -26,15 +26,8 @@ const SAMPLE_DATA: &str = include_str!("data/sample.jsonl");
 #[derive(Parser, Debug)]
 #[command(about = "Mean per-token NLL of responses by length bucket (the paper's URSLA probe)")]
 struct Args {
-    /// Hugging Face checkpoint folder.
-    #[arg(long)]
-    model: PathBuf,
-    /// tokenizer.json (default: the checkpoint folder's).
-    #[arg(long)]
-    tokenizer: Option<PathBuf>,
-    /// Chat template.
-    #[arg(long, value_enum, default_value_t = Template::Mistral)]
-    template: Template,
+    #[command(flatten)]
+    checkpoint: CheckpointArgs,
     /// Responses to probe, in the trainer's formats (default: the bundled sample).
     #[arg(long)]
     data: Option<PathBuf>,
@@ -54,8 +47,7 @@ fn main() {
 }
 
 fn run(args: Args) -> Result<(), String> {
-    let (model, tokenizer) =
-        common::load_for_inference(&args.model, args.tokenizer.as_deref(), args.template)?;
+    let (model, tokenizer) = args.checkpoint.load()?;
     let config = model.config();
     let format = if args.ultrafeedback {
         DataFormat::UltraFeedback

@@ -92,6 +92,12 @@ fn loss() -> Box<dyn PreferenceLoss> {
     }))
 }
 
+/// A trainer on the sample data (its held-out split included) from `tiny_model(model_seed)`.
+fn sample_trainer(model_seed: i64, config: TrainConfig) -> Trainer {
+    let (train, eval) = split_eval(examples(), 0.125, 7);
+    Trainer::new(tiny_model(model_seed), loss(), train, eval, 2, config).expect("trainer")
+}
+
 #[test]
 fn both_formats_parse_with_ragged_k_and_named_bad_lines() {
     let simple = concat!(
@@ -228,47 +234,22 @@ fn tokenization_drops_prompts_without_preference_and_flags_truncation() {
 #[test]
 fn resume_continues_exactly() {
     tch::set_num_threads(1);
-    let (train, eval) = split_eval(examples(), 0.125, 7);
     let dir = tempfile::tempdir().expect("temp dir");
     let straight_dir = dir.path().join("straight");
-    let mut straight = Trainer::new(
-        tiny_model(3),
-        loss(),
-        train.clone(),
-        eval.clone(),
-        2,
-        config(&straight_dir, 4),
-    )
-    .expect("trainer");
+    let mut straight = sample_trainer(3, config(&straight_dir, 4));
     let uninterrupted: Vec<f64> = (0..4)
         .map(|_| straight.train_step().expect("step").loss)
         .collect();
 
     let resumed_dir = dir.path().join("resumed");
-    let mut first = Trainer::new(
-        tiny_model(3),
-        loss(),
-        train.clone(),
-        eval.clone(),
-        2,
-        config(&resumed_dir, 4),
-    )
-    .expect("trainer");
+    let mut first = sample_trainer(3, config(&resumed_dir, 4));
     let early: Vec<f64> = (0..2)
         .map(|_| first.train_step().expect("step").loss)
         .collect();
     let checkpoint = first.save_checkpoint().expect("save");
     drop(first);
     // A fresh process would start from a fresh model: a different random init on purpose.
-    let mut second = Trainer::new(
-        tiny_model(99),
-        loss(),
-        train,
-        eval,
-        2,
-        config(&resumed_dir, 4),
-    )
-    .expect("trainer");
+    let mut second = sample_trainer(99, config(&resumed_dir, 4));
     second.resume(&checkpoint).expect("resume");
     assert_eq!(second.step(), 2);
     let late: Vec<f64> = (0..2)
@@ -325,12 +306,11 @@ fn a_failed_write_leaves_the_previous_checkpoint_loadable() {
 #[test]
 fn a_short_run_lowers_the_loss_and_its_checkpoints_load_in_the_mistral_loader() {
     tch::set_num_threads(2);
-    let (train, eval) = split_eval(examples(), 0.125, 7);
     let dir = tempfile::tempdir().expect("temp dir");
     let mut cfg = config(dir.path(), 30);
     cfg.save_every = 10;
     cfg.eval_every = 15;
-    let mut trainer = Trainer::new(tiny_model(3), loss(), train, eval, 2, cfg).expect("trainer");
+    let mut trainer = sample_trainer(3, cfg);
     let summary = trainer.run(&AtomicBool::new(false), |_| {}).expect("run");
     assert_eq!(summary.steps, 30);
     let mean = |ms: &[refa_loss::train::StepMetrics]| {
@@ -378,17 +358,8 @@ fn a_short_run_lowers_the_loss_and_its_checkpoints_load_in_the_mistral_loader() 
 /// with an error naming the step and the last good checkpoint, which stays loadable.
 #[test]
 fn a_non_finite_loss_stops_the_run_and_keeps_the_last_checkpoint() {
-    let (train, eval) = split_eval(examples(), 0.125, 7);
     let dir = tempfile::tempdir().expect("temp dir");
-    let mut trainer = Trainer::new(
-        tiny_model(4),
-        loss(),
-        train,
-        eval,
-        2,
-        config(dir.path(), 10),
-    )
-    .expect("trainer");
+    let mut trainer = sample_trainer(4, config(dir.path(), 10));
     trainer.train_step().expect("step 1");
     trainer.train_step().expect("step 2");
     let good = trainer.save_checkpoint().expect("save");
@@ -506,17 +477,8 @@ fn the_ursla_probe_recovers_a_known_per_token_nll() {
 #[test]
 fn a_stop_request_saves_a_checkpoint_and_exits() {
     use std::sync::atomic::Ordering;
-    let (train, eval) = split_eval(examples(), 0.125, 7);
     let dir = tempfile::tempdir().expect("temp dir");
-    let mut trainer = Trainer::new(
-        tiny_model(5),
-        loss(),
-        train.clone(),
-        eval.clone(),
-        2,
-        config(dir.path(), 20),
-    )
-    .expect("trainer");
+    let mut trainer = sample_trainer(5, config(dir.path(), 20));
     let stop = AtomicBool::new(false);
     let summary = trainer
         .run(&stop, |m| {
@@ -529,15 +491,7 @@ fn a_stop_request_saves_a_checkpoint_and_exits() {
     assert_eq!(summary.steps, 3);
     let checkpoint = summary.last_checkpoint.expect("checkpoint");
     assert!(checkpoint.ends_with("checkpoint-3"));
-    let mut resumed = Trainer::new(
-        tiny_model(6),
-        loss(),
-        train,
-        eval,
-        2,
-        config(dir.path(), 20),
-    )
-    .expect("trainer");
+    let mut resumed = sample_trainer(6, config(dir.path(), 20));
     resumed.resume(&checkpoint).expect("resume");
     assert_eq!(resumed.step(), 3);
 }

@@ -2,7 +2,7 @@
 //! for inference, and reporting errors.
 #![allow(dead_code)]
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use clap::ValueEnum;
 use refa_loss::device;
@@ -24,6 +24,27 @@ impl From<Template> for ChatTemplate {
             Template::Mistral => ChatTemplate::MistralInstruct,
             Template::Zephyr => ChatTemplate::Zephyr,
         }
+    }
+}
+
+/// The flags that name a checkpoint to run.
+#[derive(clap::Args, Debug)]
+pub struct CheckpointArgs {
+    /// Hugging Face checkpoint folder (config.json, safetensors).
+    #[arg(long)]
+    pub model: PathBuf,
+    /// tokenizer.json (default: the checkpoint folder's).
+    #[arg(long)]
+    pub tokenizer: Option<PathBuf>,
+    /// Chat template.
+    #[arg(long, value_enum, default_value_t = Template::Mistral)]
+    pub template: Template,
+}
+
+impl CheckpointArgs {
+    /// The checkpoint and its tokenizer, for inference.
+    pub fn load(&self) -> Result<(Mistral, ChatTokenizer), String> {
+        load_for_inference(&self.model, self.tokenizer.as_deref(), self.template)
     }
 }
 
