@@ -358,7 +358,7 @@ fn perturb_adapters(model: &Mistral) {
     tch::no_grad(|| {
         for (name, mut t) in model.var_store().variables() {
             if name.contains("lora_B") {
-                let _ = t.copy_(&(t.randn_like() * 0.1));
+                t.copy_(&(t.randn_like() * 0.1));
             }
         }
     });

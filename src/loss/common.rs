@@ -15,15 +15,16 @@ pub(crate) fn scores(
     length_normalize: bool,
     reference: bool,
 ) -> Result<Tensor> {
-    let mut scores = batch.logp_sum();
-    if reference {
+    let scores = if reference {
         let reference = batch.ref_logp_sum().ok_or(RefaError::MissingInput {
             loss,
             input: "ref_logp_sum",
             method: "with_reference",
         })?;
-        scores = scores - reference;
-    }
+        batch.logp_sum() - reference
+    } else {
+        batch.logp_sum()
+    };
     Ok(if length_normalize {
         scores / batch.lengths()
     } else {

@@ -113,7 +113,7 @@ impl Mistral {
                 if name.ends_with("norm.weight") {
                     let _ = tensor.fill_(1.0);
                 } else {
-                    let _ = tensor.copy_(&(tensor.randn_like() * 0.02));
+                    tensor.copy_(&(tensor.randn_like() * 0.02));
                 }
             }
         });
@@ -130,7 +130,7 @@ impl Mistral {
         if let Some(extra) = reader.names().find(|name| {
             !known.contains(name)
                 && !name.ends_with("rotary_emb.inv_freq")
-                && !(tied_head && *name == "lm_head.weight")
+                && (!tied_head || *name != "lm_head.weight")
         }) {
             return Err(RefaError::checkpoint(
                 extra,

@@ -44,8 +44,7 @@ impl Encoded {
 
     /// `−100` over the prompt, the ids over the response (the scorer's labels).
     pub fn labels(&self) -> Vec<i64> {
-        std::iter::repeat(-100)
-            .take(self.prompt.len())
+        std::iter::repeat_n(-100, self.prompt.len())
             .chain(self.response.iter().copied())
             .collect()
     }

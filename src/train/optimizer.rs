@@ -135,7 +135,7 @@ impl AdamW {
                 }
                 let _ = target.g_sub_(&(update * lr).to_kind(target.kind()));
                 if s.master.is_some() {
-                    let _ = p.shallow_clone().copy_(&target);
+                    p.shallow_clone().copy_(&target);
                 }
                 let _ = g.zero_();
             }

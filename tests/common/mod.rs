@@ -197,11 +197,14 @@ impl Tensors {
     }
 }
 
-/// A named loss, with the reference that computes it: `(loss, per_prompt)`.
+/// A reference computation: `(loss, per_prompt)` of a batch.
+pub type Reference = Box<dyn Fn(&RefBatch) -> (f64, Vec<f64>)>;
+
+/// A named loss, with the reference that computes it.
 pub struct Case {
     pub label: String,
     pub loss: Box<dyn PreferenceLoss>,
-    pub reference: Box<dyn Fn(&RefBatch) -> (f64, Vec<f64>)>,
+    pub reference: Reference,
 }
 
 fn case(
