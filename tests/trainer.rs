@@ -43,14 +43,18 @@ fn examples() -> Vec<TokenizedExample> {
         .0
 }
 
-/// Random initialization draws from libtorch's global generator; tests run on parallel
-/// threads, so model creation is serialized to keep each model's weights a function of its seed.
+/// Random initialization and the trainer's dropout seeding use libtorch's global generator,
+/// and tests run on parallel threads: every test that creates or trains a model holds this
+/// lock for its whole run, so that each model's weights are a function of its seed alone.
 static TORCH_RNG: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
-fn tiny_model(seed: i64) -> Mistral {
-    let _rng = TORCH_RNG
+fn torch_rng() -> std::sync::MutexGuard<'static, ()> {
+    TORCH_RNG
         .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner());
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+fn tiny_model(seed: i64) -> Mistral {
     let text = std::fs::read_to_string(data_file("tiny-config.json")).expect("config");
     let model = Mistral::new(
         MistralConfig::from_json(&text).expect("config"),
@@ -233,6 +237,7 @@ fn tokenization_drops_prompts_without_preference_and_flags_truncation() {
 /// 2, saved, and resumed in a fresh trainer.
 #[test]
 fn resume_continues_exactly() {
+    let _rng = torch_rng();
     tch::set_num_threads(1);
     let dir = tempfile::tempdir().expect("temp dir");
     let straight_dir = dir.path().join("straight");
@@ -265,6 +270,7 @@ fn resume_continues_exactly() {
 
 #[test]
 fn a_failed_write_leaves_the_previous_checkpoint_loadable() {
+    let _rng = torch_rng();
     let model = tiny_model(1);
     let dir = tempfile::tempdir().expect("temp dir");
     let folder = dir.path().join("checkpoint-1");
@@ -305,6 +311,7 @@ fn a_failed_write_leaves_the_previous_checkpoint_loadable() {
 
 #[test]
 fn a_short_run_lowers_the_loss_and_its_checkpoints_load_in_the_mistral_loader() {
+    let _rng = torch_rng();
     tch::set_num_threads(2);
     let dir = tempfile::tempdir().expect("temp dir");
     let mut cfg = config(dir.path(), 30);
@@ -358,6 +365,7 @@ fn a_short_run_lowers_the_loss_and_its_checkpoints_load_in_the_mistral_loader() 
 /// with an error naming the step and the last good checkpoint, which stays loadable.
 #[test]
 fn a_non_finite_loss_stops_the_run_and_keeps_the_last_checkpoint() {
+    let _rng = torch_rng();
     let dir = tempfile::tempdir().expect("temp dir");
     let mut trainer = sample_trainer(4, config(dir.path(), 10));
     trainer.train_step().expect("step 1");
@@ -430,6 +438,7 @@ fn training_curves_are_plotted_as_a_png() {
 /// ln V exactly.
 #[test]
 fn the_ursla_probe_recovers_a_known_per_token_nll() {
+    let _rng = torch_rng();
     use refa_loss::train::{length_buckets, response_nll};
     let text = std::fs::read_to_string(data_file("tiny-config.json")).expect("config");
     let config = MistralConfig::from_json(&text).expect("config");
@@ -476,6 +485,7 @@ fn the_ursla_probe_recovers_a_known_per_token_nll() {
 /// with a checkpoint of that step, from which training resumes.
 #[test]
 fn a_stop_request_saves_a_checkpoint_and_exits() {
+    let _rng = torch_rng();
     use std::sync::atomic::Ordering;
     let dir = tempfile::tempdir().expect("temp dir");
     let mut trainer = sample_trainer(5, config(dir.path(), 20));
