@@ -1,6 +1,6 @@
 //! Makes the crate's own binaries, tests, examples and benches find and load libtorch.
 //!
-//! Two problems are solved here, both measured (see `docs/libtorch.md`):
+//! Two problems are solved here, both verified on this project's machines:
 //! 1. torch-sys links against libtorch but records no run-time search path, so every
 //!    executable would need `LD_LIBRARY_PATH`. We add an rpath to the libtorch folder.
 //! 2. The linker's `--as-needed` drops `libtorch_cuda.so` because no symbol of it is
