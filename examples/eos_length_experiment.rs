@@ -149,10 +149,7 @@ fn main() {
 
 fn run(args: Args) -> Result<(), String> {
     tch::set_num_threads(2);
-    let tokenizer_path = args.output_dir.join("tokenizer.json");
-    std::fs::create_dir_all(&args.output_dir).map_err(|e| e.to_string())?;
-    std::fs::write(&tokenizer_path, SAMPLE_TOKENIZER).map_err(|e| e.to_string())?;
-    let tokenizer = ChatTokenizer::from_file(&tokenizer_path, ChatTemplate::MistralInstruct, 1, 2)
+    let tokenizer = ChatTokenizer::from_json(SAMPLE_TOKENIZER, ChatTemplate::MistralInstruct, 1, 2)
         .map_err(|e| e.to_string())?;
     let settings: [(&str, Option<EosRegularizer>); 3] = [
         ("lambda = 0", None),

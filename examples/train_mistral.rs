@@ -390,18 +390,15 @@ fn load_model(
 
 fn load_tokenizer(args: &Args, config: &MistralConfig) -> Result<ChatTokenizer, String> {
     let template: ChatTemplate = args.template.into();
-    let path = match (&args.tokenizer, &args.model) {
-        (Some(path), _) => path.clone(),
-        (None, Some(model)) => model.join("tokenizer.json"),
-        (None, None) => {
-            let path = std::env::temp_dir()
-                .join(format!("refa-sample-tokenizer-{}.json", std::process::id()));
-            std::fs::write(&path, SAMPLE_TOKENIZER).map_err(|e| e.to_string())?;
-            path
+    let (bos, eos) = (config.bos_token_id, config.eos_token_id);
+    let tokenizer = match (&args.tokenizer, &args.model) {
+        (Some(path), _) => ChatTokenizer::from_file(path, template, bos, eos),
+        (None, Some(model)) => {
+            ChatTokenizer::from_file(model.join("tokenizer.json"), template, bos, eos)
         }
+        (None, None) => ChatTokenizer::from_json(SAMPLE_TOKENIZER, template, bos, eos),
     };
-    ChatTokenizer::from_file(&path, template, config.bos_token_id, config.eos_token_id)
-        .map_err(|e| e.to_string())
+    tokenizer.map_err(|e| e.to_string())
 }
 
 fn load_examples(

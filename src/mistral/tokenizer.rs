@@ -91,6 +91,19 @@ impl ChatTokenizer {
         })
     }
 
+    /// Parses the text of a `tokenizer.json` already in memory (e.g. one bundled with
+    /// `include_str!`).
+    pub fn from_json(json: &str, template: ChatTemplate, bos_id: i64, eos_id: i64) -> Result<Self> {
+        let tokenizer = Tokenizer::from_bytes(json.as_bytes())
+            .map_err(|e| RefaError::config("tokenizer.json", e))?;
+        Ok(ChatTokenizer {
+            tokenizer,
+            template,
+            bos_id,
+            eos_id,
+        })
+    }
+
     /// Plain text to ids, without special tokens added (markers written in the text, such as
     /// `</s>` in Zephyr's template, are still recognized as the tokenizer's added tokens).
     pub fn encode_text(&self, text: &str) -> Result<Vec<i64>> {

@@ -124,10 +124,11 @@ impl StepMetrics {
     }
 }
 
-/// Appends one JSON line per record to `metrics.jsonl`, flushed at once.
+/// Appends one JSON line per record to a file (the trainer's `metrics.jsonl`), flushed at once.
 #[derive(Debug)]
 pub struct MetricsLog {
     file: File,
+    path: std::path::PathBuf,
 }
 
 impl MetricsLog {
@@ -138,16 +139,16 @@ impl MetricsLog {
             .append(true)
             .open(path)
             .map_err(|e| RefaError::io(path, &e))?;
-        Ok(MetricsLog { file })
+        Ok(MetricsLog {
+            file,
+            path: path.to_path_buf(),
+        })
     }
 
     /// Writes one line.
     pub fn write(&mut self, line: &str) -> Result<()> {
         writeln!(self.file, "{line}")
             .and_then(|_| self.file.flush())
-            .map_err(|e| RefaError::Io {
-                path: "metrics.jsonl".into(),
-                message: e.to_string(),
-            })
+            .map_err(|e| RefaError::io(&self.path, &e))
     }
 }
