@@ -30,15 +30,26 @@ fn tokenizer() -> ChatTokenizer {
     .expect("tokenizer")
 }
 
-fn examples() -> Vec<TokenizedExample> {
-    let report = read_jsonl(
+fn sample_records() -> Vec<refa_loss::data::PreferenceRecord> {
+    read_jsonl(
         data_file("sample.jsonl"),
         DataFormat::Simple,
         ScoreField::Overall,
         false,
     )
-    .expect("sample");
-    tokenize_records(&report.records, &tokenizer(), 128, 256)
+    .expect("sample")
+    .records
+}
+
+fn tiny_config() -> MistralConfig {
+    MistralConfig::from_json(
+        &std::fs::read_to_string(data_file("tiny-config.json")).expect("config"),
+    )
+    .expect("config")
+}
+
+fn examples() -> Vec<TokenizedExample> {
+    tokenize_records(&sample_records(), &tokenizer(), 128, 256)
         .expect("tokenize")
         .0
 }
@@ -55,13 +66,7 @@ fn torch_rng() -> std::sync::MutexGuard<'static, ()> {
 }
 
 fn tiny_model(seed: i64) -> Mistral {
-    let text = std::fs::read_to_string(data_file("tiny-config.json")).expect("config");
-    let model = Mistral::new(
-        MistralConfig::from_json(&text).expect("config"),
-        Device::Cpu,
-        Kind::Float,
-        None,
-    );
+    let model = Mistral::new(tiny_config(), Device::Cpu, Kind::Float, None);
     model.init_random(seed);
     model
 }
@@ -440,19 +445,11 @@ fn training_curves_are_plotted_as_a_png() {
 fn the_ursla_probe_recovers_a_known_per_token_nll() {
     let _rng = torch_rng();
     use refa_loss::train::{length_buckets, response_nll};
-    let text = std::fs::read_to_string(data_file("tiny-config.json")).expect("config");
-    let config = MistralConfig::from_json(&text).expect("config");
+    let config = tiny_config();
     let vocab = config.vocab_size as f64;
     let uniform = Mistral::new(config, Device::Cpu, Kind::Float, None); // all weights zero
-    let report = read_jsonl(
-        data_file("sample.jsonl"),
-        DataFormat::Simple,
-        ScoreField::Overall,
-        false,
-    )
-    .expect("sample");
     let all =
-        refa_loss::data::tokenize_all(&report.records, &tokenizer(), 128, 256).expect("tokenize");
+        refa_loss::data::tokenize_all(&sample_records(), &tokenizer(), 128, 256).expect("tokenize");
     let samples = response_nll(&uniform, &all, 8, &ScoringConfig::new(2)).expect("probe");
     assert_eq!(samples.len(), 64 * 4);
     let buckets = length_buckets(&samples, 5);
