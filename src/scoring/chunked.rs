@@ -149,10 +149,13 @@ impl<'a> ChunkedScorer<'a> {
                 .sum(Kind::Float)
                 .f_backward()?);
         }
-        let (hidden_grad, head_grad) = self.recompute_chunks(&token_coef, &eos_coef)?;
+        // Gathered once: its detached values feed the recomputation, its graph the surrogate.
+        let selected = self.selected_hidden();
+        let (hidden_grad, head_grad) =
+            self.recompute_chunks(&selected.detach(), &token_coef, &eos_coef)?;
         let mut surrogate = Tensor::zeros([], (Kind::Float, self.hidden.device()));
         if let Some(grad) = hidden_grad {
-            surrogate += (self.selected_hidden() * grad).sum(Kind::Float);
+            surrogate += (selected * grad).sum(Kind::Float);
         }
         if let Some(grad) = head_grad {
             surrogate += (self.weight * grad).sum(Kind::Float);
@@ -176,7 +179,7 @@ impl<'a> ChunkedScorer<'a> {
         Ok(surrogate.f_backward()?)
     }
 
-    /// Recomputes each chunk's logits and applies the closed-form gradient of the loss with
+    /// Recomputes each chunk's logits from `hidden` (`[M, H]`, detached) and applies the closed-form gradient of the loss with
     /// respect to them, `∂L/∂logits_i = a_i·e_token + b_i·e_eos − (a_i + b_i)·softmax_i`,
     /// built in place in the logits' own buffer. Returns the `[M, H]` gradient of the
     /// selected hidden states (when `hidden` requires gradients) and, for a head that is not
@@ -185,6 +188,7 @@ impl<'a> ChunkedScorer<'a> {
     /// second `[V, H]` buffer is ever built.
     fn recompute_chunks(
         &self,
+        hidden: &Tensor,
         token_coef: &Tensor,
         eos_coef: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
@@ -195,7 +199,6 @@ impl<'a> ChunkedScorer<'a> {
             None
         };
         let hidden_grad = tch::no_grad(|| {
-            let hidden = self.selected_hidden();
             let mut hidden_grads = Vec::new();
             for (start, len) in self.chunks() {
                 let chunk = hidden.narrow(0, start, len);
