@@ -19,6 +19,7 @@ use crate::validate::{self, ValueCheck};
 /// | [`with_reference`](Self::with_reference) | `ref_logp_sum` | `InfoNca` with a reference, `Dpo`, `Mpo` |
 /// | [`with_eos`](Self::with_eos) | `eos_logp`, `eos_mask` (bool) | `EosRegularizer` |
 /// | [`with_eos_steps`](Self::with_eos_steps) | `eos_logp_steps`, `step_mask` (bool) `[P, K, T]` | `EosRegularizer` in `Budgeted` mode |
+/// | [`with_sets`](Self::with_sets) | `positive`, `negative` (bool) | explicit `Y+`/`Y−` instead of the mean split (every loss) |
 ///
 /// Shapes, kinds and devices are checked by each builder call. Values (lengths `> 0`, finite
 /// rewards and log-probabilities in valid slots) are checked once, together with the
@@ -52,6 +53,7 @@ pub struct PreferenceBatch {
     reference: Option<Tensor>,
     eos: Option<EosInputs>,
     eos_steps: Option<EosSteps>,
+    sets: Option<ExplicitSets>,
     check_values: bool,
     kind: Kind,
     partition: OnceCell<Result<Partition>>,
@@ -69,6 +71,13 @@ pub(crate) struct EosInputs {
 pub(crate) struct EosSteps {
     pub logp: Tensor,
     pub mask: Tensor,
+}
+
+/// Caller-given positive and negative sets.
+#[derive(Debug)]
+struct ExplicitSets {
+    positive: Tensor,
+    negative: Tensor,
 }
 
 impl PreferenceBatch {
@@ -95,6 +104,7 @@ impl PreferenceBatch {
             reference: None,
             eos: None,
             eos_steps: None,
+            sets: None,
             check_values: true,
             kind,
             partition: OnceCell::new(),
@@ -132,8 +142,13 @@ impl PreferenceBatch {
         Ok(self)
     }
 
-    /// Adds `[P, K, T]` `log P(EOS)` at every response position `t` and the bool mask of the
-    /// positions that belong to the response (needed by `EosMode::Budgeted` only).
+    /// Adds `[P, K, T]` `log P(EOS)` at response positions and the bool mask of the positions
+    /// that belong to the response (needed by `EosMode::Budgeted` only).
+    ///
+    /// The layout along `T` is free: the `n`-th position marked in `step_mask` is the
+    /// response's `n`-th token (1-based position `t = n`), whatever comes before it. So the
+    /// scorers' sequence-aligned output, where a response starts after its prompt, and a
+    /// response-aligned tensor that starts at index 0 both mean the same thing.
     pub fn with_eos_steps(mut self, eos_logp_steps: &Tensor, step_mask: &Tensor) -> Result<Self> {
         let (p, k) = (self.num_prompts(), self.num_slots());
         let shape = eos_logp_steps.size();
@@ -153,6 +168,28 @@ impl PreferenceBatch {
         self.eos_steps = Some(EosSteps {
             logp: eos_logp_steps.to_kind(self.kind),
             mask: step_mask.detach(),
+        });
+        self.partition = OnceCell::new();
+        Ok(self)
+    }
+
+    /// Gives the positive and negative sets `Y+` and `Y−` explicitly (`[P, K]` bool each)
+    /// instead of the split at the mean reward, e.g. the top-2 against the bottom-2 of 5
+    /// generated responses (paper v4's on-policy setup; [`top_bottom_sets`](crate::top_bottom_sets)
+    /// builds those).
+    ///
+    /// The sets must be disjoint subsets of the valid slots, and a prompt that uses them
+    /// needs both non-empty; a prompt with both empty is skipped. Slots in neither set take
+    /// no part in any contrast, deviations still use the mean over all valid slots, and the
+    /// best (worst) response of the pairwise and 1-vs-all losses is the highest-rewarded
+    /// positive (lowest-rewarded negative). Checked with the value checks, each violation a
+    /// [`RefaError::InvalidValue`] naming the prompt and slot.
+    pub fn with_sets(mut self, positive: &Tensor, negative: &Tensor) -> Result<Self> {
+        self.check_prompt_slot_tensor("positive", positive, Kind::Bool)?;
+        self.check_prompt_slot_tensor("negative", negative, Kind::Bool)?;
+        self.sets = Some(ExplicitSets {
+            positive: positive.detach(),
+            negative: negative.detach(),
         });
         self.partition = OnceCell::new();
         Ok(self)
@@ -180,7 +217,15 @@ impl PreferenceBatch {
                 if self.check_values {
                     self.check_values()?;
                 }
-                Partition::new(&self.rewards, &self.mask)
+                match &self.sets {
+                    None => Partition::new(&self.rewards, &self.mask),
+                    Some(sets) => Partition::with_sets(
+                        &self.rewards,
+                        &self.mask,
+                        &sets.positive,
+                        &sets.negative,
+                    ),
+                }
             })
             .as_ref()
             .map_err(Clone::clone)
@@ -273,6 +318,10 @@ impl PreferenceBatch {
 
     /// Every value check of the batch, answered with one device-to-host copy.
     fn check_values(&self) -> Result<()> {
+        let set_rules = match &self.sets {
+            Some(sets) => sets.checks(&self.mask),
+            None => Vec::new(),
+        };
         let mut checks = vec![
             ValueCheck::positive_finite("lengths", &self.lengths, &self.mask),
             ValueCheck::finite("rewards", &self.rewards, &self.mask),
@@ -289,7 +338,42 @@ impl PreferenceBatch {
             let valid = steps.mask.logical_and(&self.mask.unsqueeze(-1));
             checks.push(ValueCheck::finite("eos_logp_steps", &steps.logp, &valid));
         }
+        checks.extend(
+            set_rules
+                .iter()
+                .map(|(name, bad, requirement)| ValueCheck::flagged(name, bad, requirement)),
+        );
         validate::run_value_checks(&checks)
+    }
+}
+
+impl ExplicitSets {
+    /// `(tensor, [P, K] or [P] flags of violations, requirement)` of every rule of the sets.
+    fn checks(&self, mask: &Tensor) -> Vec<(&'static str, Tensor, &'static str)> {
+        let outside = |set: &Tensor| set.logical_and(&mask.logical_not());
+        let (has_positive, has_negative) = (
+            self.positive.any_dim(1, false),
+            self.negative.any_dim(1, false),
+        );
+        vec![
+            ("positive", outside(&self.positive), "false in masked slots"),
+            ("negative", outside(&self.negative), "false in masked slots"),
+            (
+                "positive",
+                self.positive.logical_and(&self.negative),
+                "disjoint from `negative`",
+            ),
+            (
+                "positive",
+                has_negative.logical_and(&has_positive.logical_not()),
+                "non-empty in every prompt whose `negative` set is non-empty",
+            ),
+            (
+                "negative",
+                has_positive.logical_and(&has_negative.logical_not()),
+                "non-empty in every prompt whose `positive` set is non-empty",
+            ),
+        ]
     }
 }
 

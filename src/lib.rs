@@ -93,4 +93,4 @@ pub use loss::{
     Dpo, EosMode, EosRegularizer, InfoNca, InfoNcaVariant, LossMetrics, LossOutput, MetricsSummary,
     Mpo, PreferenceLoss, RefaDynamic, RefaOneVsAll, Regularized, SimPo, TargetLength,
 };
-pub use partition::{DeviationMode, Partition, RELATIVE_TIE_TOLERANCE};
+pub use partition::{top_bottom_sets, DeviationMode, Partition, RELATIVE_TIE_TOLERANCE};

@@ -138,6 +138,19 @@ impl<'a> ValueCheck<'a> {
     }
 }
 
+impl<'a> ValueCheck<'a> {
+    /// A structural rule already evaluated: `bad` flags its violations, reported as the
+    /// value 1 (true) at the first flagged position.
+    pub fn flagged(name: &'static str, bad: &'a Tensor, requirement: &'static str) -> Self {
+        ValueCheck {
+            name,
+            values: bad,
+            bad: bad.shallow_clone(),
+            requirement,
+        }
+    }
+}
+
 /// Runs every check with a single device-to-host copy of one flag each; only when a check
 /// fails is the first offending position looked up.
 pub(crate) fn run_value_checks(checks: &[ValueCheck<'_>]) -> Result<()> {

@@ -596,3 +596,98 @@ fn degenerate_batches_give_a_zero_loss_that_backpropagates() {
         }
     }
 }
+
+fn flags(rows: &[[bool; 3]]) -> Tensor {
+    Tensor::from_slice2(rows)
+}
+
+/// Explicit sets: each broken rule is an `InvalidValue` naming the set, the prompt (and slot)
+/// and the rule; a prompt with both sets empty is skipped, not an error.
+#[test]
+fn explicit_sets_that_overlap_touch_masked_slots_or_lack_a_side_are_refused() {
+    let mask = flags(&[[true, true, false], [true, true, true]]);
+    let base = || batch().with_mask(&mask).expect("mask");
+    let fails = |positive: &[[bool; 3]], negative: &[[bool; 3]]| {
+        let with_sets = base()
+            .with_sets(&flags(positive), &flags(negative))
+            .expect("shapes and kinds are fine");
+        RefaDynamic::default().compute(&with_sets).unwrap_err()
+    };
+    let cases: [(&[[bool; 3]; 2], &[[bool; 3]; 2], &str, &str, &str); 4] = [
+        (
+            &[[true, false, true], [true, false, false]],
+            &[[false, true, false], [false, true, false]],
+            "positive",
+            "prompt 0, slot 2",
+            "masked slots",
+        ),
+        (
+            &[[true, false, false], [true, false, false]],
+            &[[false, true, false], [true, true, false]],
+            "positive",
+            "prompt 1, slot 0",
+            "disjoint",
+        ),
+        (
+            &[[true, false, false], [false, false, false]],
+            &[[false, true, false], [false, true, false]],
+            "positive",
+            "prompt 1",
+            "non-empty",
+        ),
+        (
+            &[[true, false, false], [true, false, false]],
+            &[[false, true, false], [false, false, false]],
+            "negative",
+            "prompt 1",
+            "non-empty",
+        ),
+    ];
+    for (positive, negative, tensor, position, rule) in cases {
+        let err = fails(positive, negative);
+        match &err {
+            RefaError::InvalidValue {
+                tensor: t,
+                position: p,
+                requirement,
+                ..
+            } => {
+                assert_eq!(*t, tensor, "{err}");
+                assert!(p.starts_with(position), "{err}");
+                assert!(requirement.contains(rule), "{err}");
+            }
+            other => panic!("expected InvalidValue, got {other}"),
+        }
+    }
+    // Both sets empty in prompt 1: it is skipped.
+    let skipped = base()
+        .with_sets(
+            &flags(&[[true, false, false], [false, false, false]]),
+            &flags(&[[false, true, false], [false, false, false]]),
+        )
+        .expect("sets");
+    let output = RefaDynamic::default().compute(&skipped).expect("loss");
+    assert_eq!(output.metrics.summary().expect("summary").prompts_used, 1);
+
+    let err = batch()
+        .with_sets(
+            &flags(&[[true, false, false], [true, false, false]]),
+            &rewards(),
+        )
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            RefaError::WrongKind {
+                tensor: "negative",
+                ..
+            }
+        ),
+        "{err}"
+    );
+    let err = refa_loss::top_bottom_sets(&rewards(), &mask, 0, 2).unwrap_err();
+    assert!(
+        matches!(err, RefaError::InvalidSetting { name: "top", .. }),
+        "{err}"
+    );
+}

@@ -34,12 +34,7 @@ fn batch_with(t: &Tensors, leaf: Leaf, replacement: &Tensor) -> PreferenceBatch 
     let reference = pick(Leaf::RefLogpSum, &t.ref_logp_sum);
     let eos = pick(Leaf::EosLogp, &t.eos_logp);
     let steps = pick(Leaf::EosSteps, &t.steps);
-    PreferenceBatch::new(&logp, &t.lengths, &t.rewards)
-        .and_then(|b| b.with_mask(&t.mask))
-        .and_then(|b| b.with_reference(&reference))
-        .and_then(|b| b.with_eos(&eos, &t.eos_mask))
-        .and_then(|b| b.with_eos_steps(&steps, &t.step_mask))
-        .expect("batch")
+    t.batch_with_leaves(&logp, &reference, &eos, &steps)
 }
 
 fn numeric_gradient(case: &Case, t: &Tensors, leaf: Leaf, source: &Tensor, index: usize) -> f64 {

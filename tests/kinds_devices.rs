@@ -17,6 +17,10 @@ fn converted(t: &Tensors, kind: Kind, device: Device) -> (PreferenceBatch, Tenso
         .and_then(|b| b.with_reference(&leaf(&t.ref_logp_sum)))
         .and_then(|b| b.with_eos(&leaf(&t.eos_logp), &t.eos_mask.to(device)))
         .and_then(|b| b.with_eos_steps(&leaf(&t.steps), &t.step_mask.to(device)))
+        .and_then(|b| match &t.sets {
+            Some((positive, negative)) => b.with_sets(&positive.to(device), &negative.to(device)),
+            None => Ok(b),
+        })
         .expect("batch");
     (batch, logp)
 }
@@ -51,6 +55,10 @@ fn half_precision_inputs_compute_in_f32_with_gradients_in_their_kind() {
                     mask: t.mask.shallow_clone(),
                     eos_mask: t.eos_mask.shallow_clone(),
                     step_mask: t.step_mask.shallow_clone(),
+                    sets: t
+                        .sets
+                        .as_ref()
+                        .map(|(p, n)| (p.shallow_clone(), n.shallow_clone())),
                 };
                 let expected = case
                     .loss

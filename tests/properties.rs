@@ -208,6 +208,26 @@ proptest! {
         }
     }
 
+    /// Adding one constant to all of a prompt's rewards, however large against the gaps
+    /// between them, changes neither the partition nor any loss (spec §2: the tie tolerance
+    /// follows the prompt's reward spread, not `max |r|`).
+    #[test]
+    fn partition_is_invariant_to_a_common_reward_shift((rewards, s, shift) in prop::collection::vec(prop::sample::select(vec![0.0, 0.25, 0.5, 1.0, 3.0]), 2..=8).prop_flat_map(|r| { let n = r.len(); (Just(r), prop::collection::vec(-5.0..0.0f64, n), prop::sample::select(vec![-1e9, -1e6, -7.5, 1e3, 1e6, 1e9])) })) {
+        let lengths = vec![10.0; rewards.len()];
+        let logp: Vec<f64> = s.iter().map(|s| s * 10.0).collect();
+        let moved: Vec<f64> = rewards.iter().map(|r| r + shift).collect();
+        let sets = |r: &[f64]| {
+            let batch = PreferenceBatch::new(&row(&logp), &row(&lengths), &row(r)).expect("batch");
+            let part = batch.partition().expect("partition");
+            (read(part.positive()), read(part.negative()), read(part.active()))
+        };
+        prop_assert_eq!(sets(&rewards), sets(&moved));
+        for loss in normalized_losses() {
+            let (base, by_reward) = (loss_value(&loss, &logp, &lengths, &rewards), loss_value(&loss, &logp, &lengths, &moved));
+            prop_assert!((by_reward - base).abs() <= 1e-9 * base.abs().max(1.0), "{}: {by_reward} vs {base}", loss.name());
+        }
+    }
+
     /// Permuting the slots of a prompt permutes the gradients and leaves the loss unchanged
     /// (rewards distinct, so that best and worst are unique).
     #[test]
@@ -287,8 +307,9 @@ proptest! {
         }
     }
 
-    /// EOS: ∂R/∂eos_logp = λ·P for FinalProbability, −λ for FinalLogProbability; TargetLength
-    /// gives the longest response no gradient.
+    /// EOS: ∂R/∂eos_logp = λ·P for FinalProbability, −λ for FinalLogProbability, and
+    /// λ·P·max(0, T − |y|) for TargetLength (T the prompt's longest), checked for every
+    /// response: zero for the longest, positive for every shorter one.
     #[test]
     fn eos_regularizer_gradients((eos, lengths, lambda) in (prop::collection::vec(-8.0..0.0f64, 2..=8), prop::collection::vec(1usize..100, 2..=8), 0.0..3.0f64)) {
         let k = eos.len().min(lengths.len());
@@ -308,8 +329,12 @@ proptest! {
         for i in 0..k {
             prop_assert!((final_probability[i] - lambda * eos[i].exp()).abs() < 1e-14 && final_probability[i] >= 0.0);
             prop_assert!((final_log[i] + lambda).abs() < 1e-14);
+            let expected = lambda * eos[i].exp() * (longest - lengths[i]);
+            prop_assert!((target[i] - expected).abs() <= 1e-12 * expected.abs().max(1.0), "response {i}: {} vs {expected}", target[i]);
             if lengths[i] == longest {
                 prop_assert_eq!(target[i], 0.0);
+            } else if lambda > 0.0 {
+                prop_assert!(target[i] > 0.0);
             }
         }
     }

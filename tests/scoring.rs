@@ -466,3 +466,69 @@ fn non_leaf_head_matches(seed: u64) {
     let ((wp, hp), (wc, hc)) = (gradient(false), gradient(true));
     assert!(max_difference(&wp, &wc) < 1e-12 && max_difference(&hp, &hc) < 1e-12);
 }
+
+/// `EosMode::Budgeted` counts positions from each response's first token, whatever the
+/// prompt's length: two real sequences whose prompts (6 and 7 tokens) are longer than the
+/// budget, through both scorers, `to_batch` and the regularizer, against a value computed by
+/// hand. (Read by position in the whole sequence, every step would lie past the budget and
+/// the regularizer would only push EOS up.)
+#[test]
+fn budgeted_eos_counts_positions_from_the_response_start() {
+    let (positions, vocab, budget, lambda) = (10i64, 3i64, 2usize, 0.5);
+    // Labels: the prompt is ignored; responses of 4 and 3 tokens that end with EOS.
+    let mut labels = vec![-100i64; 2 * positions as usize];
+    labels[6..10].copy_from_slice(&[0, 2, 0, EOS]);
+    labels[10 + 7..20].copy_from_slice(&[2, 0, EOS]);
+    let labels = Tensor::from_slice(&labels).view([2, positions]);
+    // Logits: EOS logit x = 0.4·t − 2 + n at row t of sequence n, the two others 0, so
+    // P(EOS) = e^x / (e^x + 2) there.
+    let eos_logit = |n: i64, t: i64| 0.4 * t as f64 - 2.0 + n as f64;
+    let probability = |n: i64, t: i64| {
+        let e = eos_logit(n, t).exp();
+        e / (e + 2.0)
+    };
+    let mut logits = vec![0.0f64; (2 * positions * vocab) as usize];
+    for n in 0..2 {
+        for t in 0..positions {
+            logits[((n * positions + t) * vocab + EOS) as usize] = eos_logit(n, t);
+        }
+    }
+    let logits = Tensor::from_slice(&logits).view([2, positions, vocab]);
+    // Output row t predicts label t + 1: sequence 0's response tokens 1..4 are read at rows
+    // 5..8, sequence 1's tokens 1..3 at rows 6..8. Budget 2: t = 1 is early, t >= 3 late.
+    let sequence_0 = probability(0, 5) - (probability(0, 7) + probability(0, 8)) / 2.0;
+    let sequence_1 = probability(1, 6) - probability(1, 8);
+    let expected = lambda * (sequence_0 + sequence_1);
+
+    let config = ScoringConfig {
+        eos_steps: true,
+        ..ScoringConfig::new(EOS)
+    };
+    let regularizer = EosRegularizer {
+        lambda,
+        mode: EosMode::Budgeted { budget },
+    };
+    let rewards = Tensor::from_slice2(&[[1.0f64, 2.0]]);
+    let identity = Tensor::eye(vocab, (Kind::Double, Device::Cpu));
+    for (path, scores) in [
+        (
+            "plain",
+            score_logits(&logits, &labels, &config).expect("plain"),
+        ),
+        (
+            "chunked",
+            score_hidden(&logits, &identity, &labels, &config).expect("chunked"),
+        ),
+    ] {
+        let batch = scores.to_batch(&rewards, None).expect("batch");
+        let got = regularizer
+            .compute(&batch)
+            .expect("loss")
+            .loss
+            .double_value(&[]);
+        assert!(
+            (got - expected).abs() < 1e-12,
+            "{path}: {got}, by hand {expected}"
+        );
+    }
+}

@@ -34,9 +34,10 @@ pub enum EosMode {
     /// `−λ·Σ_y log P(EOS at |y|)` (v4 Eq. 9): pulls EOS up, so outputs get shorter.
     FinalLogProbability,
     /// `λ·Σ_y (mean_{t<b} P(EOS at t) − mean_{t>b} P(EOS at t))` (v4 Eq. 10) with 1-based
-    /// response positions `t`: discourages stopping before `budget` tokens and encourages
-    /// it after. The second mean is dropped when `|y| <= b`; a mean over no position is 0.
-    /// Needs [`PreferenceBatch::with_eos_steps`].
+    /// response positions `t`: `t = 1` at the response's first token whatever the prompt's
+    /// length (the `n`-th position marked in the step mask is `t = n`). Discourages stopping
+    /// before `budget` tokens and encourages it after. The second mean is dropped when
+    /// `|y| <= b`; a mean over no position is 0. Needs [`PreferenceBatch::with_eos_steps`].
     Budgeted {
         /// The budget `b` in tokens, >= 1.
         budget: usize,
@@ -54,8 +55,9 @@ pub enum EosMode {
 /// Reads `[P, K]` `eos_logp`, `eos_mask` ([`PreferenceBatch::with_eos`]), `lengths`, and for
 /// `Budgeted` the `[P, K, T]` per-step inputs.
 ///
-/// # Defaults (DECIDED: the paper gives no value of λ)
-/// λ = 0.1, `FinalProbability`.
+/// # Defaults
+/// `FinalProbability` with λ = 0.1. Each mode has its own λ, [`EosMode::default_lambda`],
+/// which [`EosRegularizer::new`] uses.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct EosRegularizer {
     /// Strength λ, >= 0.
@@ -64,16 +66,42 @@ pub struct EosRegularizer {
     pub mode: EosMode,
 }
 
-impl Default for EosRegularizer {
-    fn default() -> Self {
-        EosRegularizer {
-            lambda: 0.1,
-            mode: EosMode::FinalProbability,
+impl EosMode {
+    /// The default strength λ of this mode, sized to the mode's scale: the paper gives one
+    /// value only (v4 Table 4: 5e-5 for `TargetLength`, whose term grows with the shortfall
+    /// in tokens); the others are DECIDED.
+    ///
+    /// | mode | λ | why |
+    /// |---|---|---|
+    /// | `FinalProbability` | 0.1 | a probability per response; gradient `λ·P` |
+    /// | `TargetLength` | 5e-5 | paper v4 Table 4 (the term is `P·(T − |y|)`, up to `P·T`) |
+    /// | `FinalLogProbability` | 0.05 | gradient `λ` whatever `P`: `FinalProbability`'s at `P = 0.5` |
+    /// | `Budgeted` | 0.1 | a difference of two mean probabilities, as `FinalProbability` |
+    pub fn default_lambda(&self) -> f64 {
+        match self {
+            EosMode::FinalProbability => 0.1,
+            EosMode::TargetLength(_) => 5e-5,
+            EosMode::FinalLogProbability => 0.05,
+            EosMode::Budgeted { .. } => 0.1,
         }
     }
 }
 
+impl Default for EosRegularizer {
+    fn default() -> Self {
+        EosRegularizer::new(EosMode::FinalProbability)
+    }
+}
+
 impl EosRegularizer {
+    /// The regularizer in `mode` with that mode's default λ ([`EosMode::default_lambda`]).
+    pub fn new(mode: EosMode) -> Self {
+        EosRegularizer {
+            lambda: mode.default_lambda(),
+            mode,
+        }
+    }
+
     fn validate(&self) -> Result<()> {
         let check = Hyperparameters::of("EosRegularizer");
         check.non_negative("lambda", self.lambda)?;
@@ -162,9 +190,10 @@ fn budgeted_terms(batch: &PreferenceBatch, budget: f64) -> Result<Tensor> {
         method: "with_eos_steps",
     };
     let (steps_logp, steps_valid) = batch.eos_steps().ok_or(missing)?;
-    let steps = steps_logp.size()[2];
-    // 1-based response positions t, broadcast over [P, K, T].
-    let position = Tensor::arange_start(1, steps + 1, (Kind::Double, batch.device()));
+    // 1-based response positions: the n-th response step is t = n wherever it lies along the
+    // last axis. The scorers lay steps out by position in the whole sequence, so a prompt
+    // precedes them; counting the marked steps keeps t = 1 at the response's first token.
+    let position = steps_valid.cumsum(2, Kind::Double);
     let probability = steps_logp.exp();
     let mean_where = |select: Tensor| {
         let select = select.logical_and(&steps_valid);
@@ -177,7 +206,7 @@ fn budgeted_terms(batch: &PreferenceBatch, budget: f64) -> Result<Tensor> {
             .sum_dim_intlist(2, false, None)
             / count
     };
-    let early = mean_where(position.lt(budget).expand_as(&steps_valid));
-    let late = mean_where(position.gt(budget).expand_as(&steps_valid));
+    let early = mean_where(position.lt(budget));
+    let late = mean_where(position.gt(budget));
     Ok(early - late)
 }

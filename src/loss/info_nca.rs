@@ -34,7 +34,8 @@ pub enum InfoNcaVariant {
 ///
 /// `∂L/∂z_i = softmax(z)_i − q_i`: the loss is minimal (the entropy of `q`) exactly when the
 /// model's softmax equals the target. Prompts without a preference are skipped, as in every
-/// loss of the crate.
+/// loss of the crate. With explicit sets ([`PreferenceBatch::with_sets`]) both softmaxes run
+/// over `Y+ ∪ Y−` and `i*` is the best positive.
 ///
 /// # Defaults
 /// Reference-free (paper v4 Table 4): β = 3.0 (v1: 2.0–2.5), τ = 1.0, length-normalized,
@@ -93,7 +94,8 @@ impl PreferenceLoss for InfoNca {
             .positive("beta", self.beta)?
             .positive("tau", self.tau)?;
         let partition = batch.partition()?;
-        let valid = partition.valid();
+        // With explicit sets only Y+ ∪ Y− take part; in the mean split that is every valid slot.
+        let valid = &partition.participants();
         let scores = scores(
             self.name(),
             batch,

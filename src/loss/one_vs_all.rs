@@ -15,7 +15,9 @@ use crate::partition::DeviationMode;
 /// ```
 ///
 /// Every other valid response, above the mean or not, is in the γ-weighted sum. Prompts
-/// without a preference (all rewards equal, fewer than two responses) are skipped.
+/// without a preference (all rewards equal, fewer than two responses) are skipped. With
+/// explicit sets ([`PreferenceBatch::with_sets`]), `i*` is the best positive and the sum runs
+/// over the other members of `Y+ ∪ Y−`.
 ///
 /// # Shapes
 /// Reads `[P, K]` `logp_sum`, `lengths`, `rewards` and the mask of a [`PreferenceBatch`].
@@ -75,7 +77,7 @@ impl PreferenceLoss for RefaOneVsAll {
         let partition = batch.partition()?;
         let (scores, logits) = refa.scores_and_logits(self.name(), batch, partition)?;
         let best = partition.best_one_hot();
-        let rest = partition.valid().logical_and(&best.logical_not());
+        let rest = partition.participants().logical_and(&best.logical_not());
         SetContrast {
             scores: &scores,
             logits: &logits,

@@ -27,6 +27,8 @@ pub struct BatchSpec {
     pub mask_rate: f64,
     /// Probability that a prompt's rewards are all equal (a skipped prompt).
     pub tie_rate: f64,
+    /// Probability that the batch gives explicit positive and negative sets.
+    pub sets_rate: f64,
 }
 
 impl Default for BatchSpec {
@@ -37,6 +39,7 @@ impl Default for BatchSpec {
             max_steps: 9,
             mask_rate: 0.2,
             tie_rate: 0.15,
+            sets_rate: 0.3,
         }
     }
 }
@@ -46,8 +49,44 @@ pub fn random_batch(rng: &mut impl Rng, spec: BatchSpec) -> RefBatch {
     let p = rng.gen_range(1..=spec.max_prompts);
     let k = rng.gen_range(1..=spec.max_slots);
     let t = rng.gen_range(1..=spec.max_steps);
-    let prompts = (0..p).map(|_| random_prompt(rng, k, t, spec)).collect();
+    let explicit_sets = rng.gen_bool(spec.sets_rate);
+    let prompts = (0..p)
+        .map(|_| {
+            let mut prompt = random_prompt(rng, k, t, spec);
+            if explicit_sets {
+                prompt.sets = Some(random_sets(rng, &prompt.valid));
+            }
+            poison_masked_slots(&mut prompt);
+            prompt
+        })
+        .collect();
     RefBatch { prompts }
+}
+
+/// Disjoint random `(positive, negative)` subsets of the valid slots, both non-empty, with
+/// some slots in neither; both empty (a skipped prompt) a fifth of the time or when fewer
+/// than two slots are valid.
+fn random_sets(rng: &mut impl Rng, valid: &[bool]) -> (Vec<bool>, Vec<bool>) {
+    let k = valid.len();
+    let slots: Vec<usize> = (0..k).filter(|&i| valid[i]).collect();
+    let (mut positive, mut negative) = (vec![false; k], vec![false; k]);
+    if slots.len() < 2 || rng.gen_bool(0.2) {
+        return (positive, negative);
+    }
+    let first_positive = rng.gen_range(0..slots.len());
+    let first_negative = (first_positive + rng.gen_range(1..slots.len())) % slots.len();
+    positive[slots[first_positive]] = true;
+    negative[slots[first_negative]] = true;
+    for &i in &slots {
+        if !positive[i] && !negative[i] {
+            match rng.gen_range(0..3) {
+                0 => positive[i] = true,
+                1 => negative[i] = true,
+                _ => {}
+            }
+        }
+    }
+    (positive, negative)
 }
 
 fn random_prompt(rng: &mut impl Rng, k: usize, t: usize, spec: BatchSpec) -> RefPrompt {
@@ -77,13 +116,15 @@ fn random_prompt(rng: &mut impl Rng, k: usize, t: usize, spec: BatchSpec) -> Ref
     let steps = (0..k)
         .map(|_| (0..t).map(|_| rng.gen_range(-9.0..-0.01)).collect())
         .collect();
+    // Each response's steps start after a random "prompt" offset, as the scorers lay them out.
     let step_mask = (0..k)
         .map(|_| {
             let n = rng.gen_range(0..=t);
-            (0..t).map(|i| i < n).collect()
+            let start = rng.gen_range(0..=t - n);
+            (0..t).map(|i| (start..start + n).contains(&i)).collect()
         })
         .collect();
-    let mut prompt = RefPrompt {
+    RefPrompt {
         logp,
         lengths,
         rewards,
@@ -93,9 +134,8 @@ fn random_prompt(rng: &mut impl Rng, k: usize, t: usize, spec: BatchSpec) -> Ref
         eos_mask,
         steps,
         step_mask,
-    };
-    poison_masked_slots(&mut prompt);
-    prompt
+        sets: None,
+    }
 }
 
 /// Masked slots hold NaN and absurd values: the crate must never read them.
@@ -141,6 +181,8 @@ pub struct Tensors {
     pub eos_mask: Tensor,
     pub steps: Tensor,
     pub step_mask: Tensor,
+    /// Explicit `(positive, negative)` sets, when the batch has them.
+    pub sets: Option<(Tensor, Tensor)>,
 }
 
 impl Tensors {
@@ -169,17 +211,53 @@ impl Tensors {
                 .view([p as i64, k as i64, t])
                 .set_requires_grad(true),
             step_mask: Tensor::from_slice(&step_mask).view([p as i64, k as i64, t]),
+            sets: b.prompts[0].sets.is_some().then(|| {
+                let set = |i: usize| {
+                    flags(b, |x| match &x.sets {
+                        Some(sets) => {
+                            if i == 0 {
+                                &sets.0
+                            } else {
+                                &sets.1
+                            }
+                        }
+                        None => &x.valid,
+                    })
+                };
+                (set(0), set(1))
+            }),
         }
     }
 
     /// A batch with every optional input.
     pub fn batch(&self) -> PreferenceBatch {
-        PreferenceBatch::new(&self.logp_sum, &self.lengths, &self.rewards)
+        self.batch_with_leaves(
+            &self.logp_sum,
+            &self.ref_logp_sum,
+            &self.eos_logp,
+            &self.steps,
+        )
+    }
+
+    /// The same batch with other floating-point inputs in place of the leaves (masks,
+    /// lengths, rewards and explicit sets are the batch's own).
+    pub fn batch_with_leaves(
+        &self,
+        logp_sum: &Tensor,
+        ref_logp_sum: &Tensor,
+        eos_logp: &Tensor,
+        steps: &Tensor,
+    ) -> PreferenceBatch {
+        let batch = PreferenceBatch::new(logp_sum, &self.lengths, &self.rewards)
             .and_then(|b| b.with_mask(&self.mask))
-            .and_then(|b| b.with_reference(&self.ref_logp_sum))
-            .and_then(|b| b.with_eos(&self.eos_logp, &self.eos_mask))
-            .and_then(|b| b.with_eos_steps(&self.steps, &self.step_mask))
-            .expect("valid test batch")
+            .and_then(|b| b.with_reference(ref_logp_sum))
+            .and_then(|b| b.with_eos(eos_logp, &self.eos_mask))
+            .and_then(|b| b.with_eos_steps(steps, &self.step_mask));
+        match &self.sets {
+            Some((positive, negative)) => batch.and_then(|b| b.with_sets(positive, negative)),
+            None => batch,
+        }
+        .expect("valid test batch")
     }
 
     pub fn zero_grads(&self) {

@@ -16,6 +16,8 @@ pub struct RefPrompt {
     pub eos_mask: Vec<bool>,
     pub steps: Vec<Vec<f64>>,
     pub step_mask: Vec<Vec<bool>>,
+    /// Explicit `(positive, negative)` sets instead of the mean split.
+    pub sets: Option<(Vec<bool>, Vec<bool>)>,
 }
 
 /// The whole batch.
@@ -42,7 +44,9 @@ pub fn softplus(x: f64) -> f64 {
     }
 }
 
-/// Partition of one prompt: (valid slot indices, positive flags per valid slot, mean, active).
+/// Partition of one prompt: the slots that take part (valid ones, or the members of the
+/// explicit sets), which of them are positive, the mean over valid slots, whether the prompt
+/// is active, and the best positive and worst negative slot.
 pub struct RefPartition {
     pub slots: Vec<usize>,
     pub positive: Vec<bool>,
@@ -53,30 +57,42 @@ pub struct RefPartition {
 }
 
 pub fn partition(p: &RefPrompt) -> RefPartition {
-    let slots: Vec<usize> = (0..p.valid.len()).filter(|&k| p.valid[k]).collect();
-    let n = slots.len() as f64;
-    let mean = if slots.is_empty() {
+    let valid: Vec<usize> = (0..p.valid.len()).filter(|&k| p.valid[k]).collect();
+    let rewards: Vec<f64> = valid.iter().map(|&k| p.rewards[k]).collect();
+    let mean = if valid.is_empty() {
         0.0
     } else {
-        slots.iter().map(|&k| p.rewards[k]).sum::<f64>() / n
+        rewards.iter().sum::<f64>() / valid.len() as f64
     };
-    let scale = slots
-        .iter()
-        .map(|&k| p.rewards[k].abs())
-        .fold(0.0, f64::max);
-    let positive: Vec<bool> = slots
-        .iter()
-        .map(|&k| p.rewards[k] - mean > 1e-9 * scale)
-        .collect();
-    let active = slots.len() >= 2 && positive.iter().any(|&x| x);
-    let mut best = slots.first().copied().unwrap_or(0);
-    let mut worst = best;
-    for &k in &slots {
-        if p.rewards[k] > p.rewards[best] {
-            best = k;
+    let spread = rewards.iter().cloned().fold(f64::NEG_INFINITY, f64::max)
+        - rewards.iter().cloned().fold(f64::INFINITY, f64::min);
+    let (slots, positive): (Vec<usize>, Vec<bool>) = match &p.sets {
+        None => {
+            let positive = valid
+                .iter()
+                // Equal rewards (spread 0) never split, even when Σr/K missed r by an ulp.
+                .map(|&k| spread > 0.0 && p.rewards[k] - mean > 1e-9 * spread)
+                .collect();
+            (valid.clone(), positive)
         }
-        if p.rewards[k] < p.rewards[worst] {
-            worst = k;
+        Some((pos, neg)) => {
+            let slots: Vec<usize> = (0..p.valid.len()).filter(|&k| pos[k] || neg[k]).collect();
+            let positive = slots.iter().map(|&k| pos[k]).collect();
+            (slots, positive)
+        }
+    };
+    let n_positive = positive.iter().filter(|&&x| x).count();
+    let active = match &p.sets {
+        None => valid.len() >= 2 && n_positive > 0,
+        Some(_) => n_positive > 0 && n_positive < slots.len(),
+    };
+    let (mut best, mut worst) = (None::<usize>, None::<usize>);
+    for (i, &k) in slots.iter().enumerate() {
+        if positive[i] && best.map_or(true, |b| p.rewards[k] > p.rewards[b]) {
+            best = Some(k);
+        }
+        if !positive[i] && worst.map_or(true, |w| p.rewards[k] < p.rewards[w]) {
+            worst = Some(k);
         }
     }
     RefPartition {
@@ -84,8 +100,8 @@ pub fn partition(p: &RefPrompt) -> RefPartition {
         positive,
         mean,
         active,
-        best,
-        worst,
+        best: best.unwrap_or(0),
+        worst: worst.unwrap_or(0),
     }
 }
 
@@ -176,7 +192,8 @@ pub fn refa_dynamic(b: &RefBatch, c: &DynamicParams) -> (f64, Vec<f64>) {
                     let (pos, neg) = split(&u, &part.positive);
                     // Literal form −log(P+/(P+ + γP−)), exact where nothing overflows.
                     let (pp, pn) = (sum_exp(&pos), sum_exp(&neg));
-                    if pp.is_finite() && pn.is_finite() && pp > 0.0 {
+                    // Subnormal sums (scores below about −700) have lost digits: use the log form.
+                    if pp.is_finite() && pn.is_finite() && pp > 1e-290 && pn > 1e-290 {
                         -(pp / (pp + c.gamma * pn)).ln()
                     } else {
                         set_contrast(&pos, &neg, c.gamma.ln())
@@ -363,13 +380,16 @@ pub fn eos(b: &RefBatch, lambda: f64, mode: EosMode) -> (f64, Vec<f64>) {
     )
 }
 
+/// Positions count the response's own steps: the n-th marked step is t = n, wherever the
+/// response starts along the axis.
 fn budgeted(steps: &[f64], mask: &[bool], budget: usize) -> f64 {
     let (mut early, mut n_early, mut late, mut n_late) = (0.0, 0, 0.0, 0);
-    for (i, (&logp, &valid)) in steps.iter().zip(mask).enumerate() {
-        let t = i + 1;
+    let mut t = 0;
+    for (&logp, &valid) in steps.iter().zip(mask) {
         if !valid {
             continue;
         }
+        t += 1;
         if t < budget {
             early += logp.exp();
             n_early += 1;
@@ -400,4 +420,36 @@ fn split(u: &[f64], positive: &[bool]) -> (Vec<f64>, Vec<f64>) {
 
 fn sum_exp(xs: &[f64]) -> f64 {
     xs.iter().map(|x| x.exp()).sum()
+}
+
+/// The top `top` against the bottom `bottom` valid slots by reward (equal rewards: the lower
+/// slot ranks higher); negatives must fall below every positive's reward, and a prompt left
+/// without a negative gets two empty sets.
+pub fn top_bottom(
+    rewards: &[f64],
+    valid: &[bool],
+    top: usize,
+    bottom: usize,
+) -> (Vec<bool>, Vec<bool>) {
+    let mut order: Vec<usize> = (0..valid.len()).filter(|&k| valid[k]).collect();
+    order.sort_by(|&a, &b| rewards[a].total_cmp(&rewards[b]).then(b.cmp(&a)));
+    let n = order.len();
+    let (mut positive, mut negative) = (vec![false; valid.len()], vec![false; valid.len()]);
+    for &k in &order[n.saturating_sub(top)..] {
+        positive[k] = true;
+    }
+    for &k in &order[..bottom.min(n)] {
+        negative[k] = !positive[k];
+    }
+    let lowest_positive = (0..valid.len())
+        .filter(|&k| positive[k])
+        .map(|k| rewards[k])
+        .fold(f64::INFINITY, f64::min);
+    for k in 0..valid.len() {
+        negative[k] &= rewards[k] < lowest_positive;
+    }
+    if !negative.contains(&true) {
+        positive = vec![false; valid.len()];
+    }
+    (positive, negative)
 }
