@@ -232,7 +232,8 @@ fn train_sft(
         Device::Cpu,
         Kind::Float,
         None,
-    );
+    )
+    .map_err(|e| e.to_string())?;
     model.init_random(seed as i64);
     let config = train_config(dir, seed, args.sft_steps, 3e-3, 8);
     train(model, Box::new(NextToken), examples, config)
@@ -311,7 +312,7 @@ fn train(
     examples: Vec<TokenizedExample>,
     config: TrainConfig,
 ) -> Result<PathBuf, String> {
-    let (train, eval) = split_eval(examples, 0.05, config.seed);
+    let (train, eval) = split_eval(examples, 0.05, config.seed).map_err(|e| e.to_string())?;
     let mut trainer =
         Trainer::new(model, loss, train, eval, 2, config).map_err(|e| e.to_string())?;
     let summary = trainer

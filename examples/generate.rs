@@ -57,9 +57,19 @@ fn main() {
 }
 
 fn run(args: Args) -> Result<(), String> {
-    let (model, tokenizer) = args.checkpoint.load()?;
+    let options = GenerationOptions {
+        max_new_tokens: args.max_new_tokens,
+        temperature: args.temperature,
+        top_p: args.top_p,
+        seed: args.seed,
+    };
+    options.validate().map_err(|e| e.to_string())?;
     let mut prompts = read_prompts(&args)?;
     prompts.truncate(args.limit.unwrap_or(usize::MAX));
+    if prompts.is_empty() {
+        return Err("no prompt to answer (the prompt file is empty, or --limit 0)".into());
+    }
+    let (model, tokenizer) = args.checkpoint.load()?;
     let generator = args.generator.clone().unwrap_or_else(|| {
         args.checkpoint
             .model
@@ -67,12 +77,6 @@ fn run(args: Args) -> Result<(), String> {
             .map(|n| n.to_string_lossy().to_string())
             .unwrap_or_else(|| "refa-loss".into())
     });
-    let options = GenerationOptions {
-        max_new_tokens: args.max_new_tokens,
-        temperature: args.temperature,
-        top_p: args.top_p,
-        seed: args.seed,
-    };
     let mut outputs = Vec::with_capacity(prompts.len());
     let mut lengths = Vec::with_capacity(prompts.len());
     for (i, prompt) in prompts.iter().enumerate() {

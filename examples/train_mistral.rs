@@ -16,8 +16,6 @@
 mod common;
 
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
 
 use clap::{Parser, ValueEnum};
 use common::Template;
@@ -67,12 +65,14 @@ struct Args {
     /// Skip (and count) malformed lines instead of stopping at the first one.
     #[arg(long)]
     skip_bad_lines: bool,
-    /// Longest prompt in tokens (longer prompts keep their start).
-    #[arg(long, default_value_t = 512)]
-    max_prompt_tokens: usize,
-    /// Longest prompt + response in tokens (longer responses are cut and lose their EOS).
-    #[arg(long, default_value_t = 1024)]
-    max_tokens: usize,
+    /// Longest prompt in tokens (longer prompts keep their start). Default: 512, or half of
+    /// --max-tokens if that is less.
+    #[arg(long)]
+    max_prompt_tokens: Option<usize>,
+    /// Longest prompt + response in tokens (longer responses are cut and lose their EOS), at
+    /// most the model's max_position_embeddings. Default: 1024, or that limit if it is less.
+    #[arg(long)]
+    max_tokens: Option<usize>,
     /// Fraction of prompts held out for evaluation.
     #[arg(long, default_value_t = 0.125)]
     eval_fraction: f64,
@@ -145,7 +145,7 @@ struct Args {
     /// AdamW weight decay.
     #[arg(long, default_value_t = 0.0)]
     weight_decay: f64,
-    /// LoRA rank (0: full fine-tuning).
+    /// LoRA rank (0: full fine-tuning; at most the smallest dimension of a targeted layer).
     #[arg(long, default_value_t = 0)]
     lora_rank: i64,
     /// LoRA α.
@@ -256,19 +256,26 @@ fn run(args: Args) -> Result<(), String> {
         None if device.is_cuda() => Kind::BFloat16,
         None => Kind::Float,
     };
+    if args.lora_rank < 0 {
+        return Err(format!(
+            "--lora-rank {}: must be >= 0 (0: full fine-tuning)",
+            args.lora_rank
+        ));
+    }
     let lora = (args.lora_rank > 0)
         .then(|| lora_config(&args))
         .transpose()?;
     let model = load_model(&args, device, kind, lora.as_ref())?;
+    let limits = token_limits(&args, model.config())?;
     let tokenizer = load_tokenizer(&args, model.config())?;
-    let (train, eval) = load_examples(&args, &tokenizer)?;
+    let (train, eval) = load_examples(&args, &tokenizer, limits)?;
     let loss = build_loss(&args)?;
     let lr = args
         .lr
         .unwrap_or(if args.model.is_some() { 3e-7 } else { 1e-3 });
     let config = TrainConfig {
         prompts_per_batch: args.prompts_per_batch,
-        accumulation_steps: args.accumulation_steps.max(1),
+        accumulation_steps: args.accumulation_steps,
         max_steps: args.max_steps,
         schedule: CosineSchedule {
             peak: lr,
@@ -307,7 +314,9 @@ fn run(args: Args) -> Result<(), String> {
         } else {
             PathBuf::from(resume)
         };
-        trainer.resume(&folder).map_err(|e| e.to_string())?;
+        for note in trainer.resume(&folder).map_err(|e| e.to_string())? {
+            println!("note: {note}");
+        }
         println!(
             "resumed from {} at step {}",
             folder.display(),
@@ -315,13 +324,10 @@ fn run(args: Args) -> Result<(), String> {
         );
     }
     let before = trainer.evaluate().map_err(|e| e.to_string())?;
-    let stop = Arc::new(AtomicBool::new(false));
-    let handler_flag = stop.clone();
-    ctrlc::set_handler(move || handler_flag.store(true, Ordering::SeqCst))
-        .map_err(|e| e.to_string())?;
+    let stop = common::StopSignals::install().map_err(|e| e.to_string())?;
     let bar = progress_bar(args.max_steps, trainer.step(), args.quiet);
     let summary = trainer
-        .run(&stop, |m| report(&bar, m, args.quiet))
+        .run(stop.flag(), |m| report(&bar, m, args.quiet))
         .map_err(|e| e.to_string())?;
     bar.finish_and_clear();
     let after = trainer.evaluate().map_err(|e| e.to_string())?;
@@ -349,6 +355,13 @@ fn run(args: Args) -> Result<(), String> {
         "metrics: {}",
         args.output_dir.join("metrics.jsonl").display()
     );
+    if let Some(status) = stop.exit_status().filter(|_| summary.interrupted) {
+        eprintln!(
+            "stopped by a signal before step {}: exit status {status}",
+            args.max_steps
+        );
+        std::process::exit(status);
+    }
     Ok(())
 }
 
@@ -381,7 +394,7 @@ fn load_model(
         }
         None => {
             let config = MistralConfig::from_json(TINY_CONFIG).map_err(|e| e.to_string())?;
-            let model = Mistral::new(config, device, kind, lora);
+            let model = Mistral::new(config, device, kind, lora).map_err(|e| e.to_string())?;
             model.init_random(args.seed as i64);
             Ok(model)
         }
@@ -398,12 +411,32 @@ fn load_tokenizer(args: &Args, config: &MistralConfig) -> Result<ChatTokenizer, 
         }
         (None, None) => ChatTokenizer::from_json(SAMPLE_TOKENIZER, template, bos, eos),
     };
-    tokenizer.map_err(|e| e.to_string())
+    let tokenizer = tokenizer.map_err(|e| e.to_string())?;
+    tokenizer
+        .check_fits(config.vocab_size)
+        .map_err(|e| e.to_string())?;
+    Ok(tokenizer)
+}
+
+/// `(max_prompt_tokens, max_tokens)`: the flags, or defaults that fit the model's context.
+fn token_limits(args: &Args, config: &MistralConfig) -> Result<(usize, usize), String> {
+    let positions = config.max_position_embeddings.max(0) as usize;
+    let max_tokens = args.max_tokens.unwrap_or(positions.min(1024));
+    if max_tokens > positions {
+        return Err(format!(
+            "--max-tokens {max_tokens}: more than the model's max_position_embeddings = {positions}"
+        ));
+    }
+    let max_prompt = args
+        .max_prompt_tokens
+        .unwrap_or((max_tokens / 2).clamp(1, 512));
+    Ok((max_prompt, max_tokens))
 }
 
 fn load_examples(
     args: &Args,
     tokenizer: &ChatTokenizer,
+    (max_prompt, max_tokens): (usize, usize),
 ) -> Result<
     (
         Vec<refa_loss::data::TokenizedExample>,
@@ -433,13 +466,8 @@ fn load_examples(
     for (line, why) in &report.skipped {
         eprintln!("skipped line {line}: {why}");
     }
-    let (examples, tokens) = tokenize_records(
-        &report.records,
-        tokenizer,
-        args.max_prompt_tokens,
-        args.max_tokens,
-    )
-    .map_err(|e| e.to_string())?;
+    let (examples, tokens) = tokenize_records(&report.records, tokenizer, max_prompt, max_tokens)
+        .map_err(|e| e.to_string())?;
     println!(
         "data: {} prompts read, {} malformed lines skipped; dropped {} with fewer than 2 responses and {} with all scores equal; {} responses truncated",
         report.records.len(),
@@ -451,7 +479,7 @@ fn load_examples(
     if examples.is_empty() {
         return Err("no prompt with a preference left to train on".into());
     }
-    Ok(split_eval(examples, args.eval_fraction, args.seed))
+    split_eval(examples, args.eval_fraction, args.seed).map_err(|e| e.to_string())
 }
 
 fn build_loss(args: &Args) -> Result<Box<dyn PreferenceLoss>, String> {

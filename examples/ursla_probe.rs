@@ -75,6 +75,19 @@ fn run(args: Args) -> Result<(), String> {
         &ScoringConfig::new(config.eos_token_id),
     )
     .map_err(|e| e.to_string())?;
+    if args.buckets < 2 {
+        return Err(format!(
+            "--buckets {}: at least 2 are needed to see a trend",
+            args.buckets
+        ));
+    }
+    if samples.len() < args.buckets {
+        return Err(format!(
+            "{} responses with tokens, fewer than the {} length buckets: nothing to compare",
+            samples.len(),
+            args.buckets
+        ));
+    }
     let buckets = length_buckets(&samples, args.buckets);
     println!(
         "{} responses; mean per-token NLL by length bucket:\n",
@@ -94,10 +107,12 @@ fn run(args: Args) -> Result<(), String> {
         );
     }
     let falls = buckets.windows(2).all(|w| w[1].mean_nll < w[0].mean_nll);
-    println!(
-        "\nNLL falls monotonically with length: {}",
-        if falls { "yes" } else { "no" }
-    );
+    let verdict = match (buckets.len(), falls) {
+        (0 | 1, _) => "cannot tell (all responses have the same length)",
+        (_, true) => "yes",
+        (_, false) => "no",
+    };
+    println!("\nNLL falls monotonically with length: {verdict}");
     let points = buckets
         .iter()
         .map(|b| ((b.min_length + b.max_length) as f64 / 2.0, b.mean_nll))

@@ -69,6 +69,18 @@ pub enum RefaError {
         requirement: String,
     },
 
+    /// A setting of the model, the trainer or the data pipeline (a flag of the examples) is
+    /// out of its domain; checked before any work starts.
+    #[error("invalid setting `{name}` = {value}: must be {requirement}")]
+    InvalidOption {
+        /// The setting, e.g. `"lr"` or `"lora.rank"`.
+        name: &'static str,
+        /// The value it had, as text.
+        value: String,
+        /// The domain, e.g. `"finite and > 0"`.
+        requirement: String,
+    },
+
     /// A value in a valid (unmasked) slot is out of its domain.
     #[error("tensor `{tensor}` holds {value} at {position}, which must be {requirement}")]
     InvalidValue {
@@ -175,7 +187,34 @@ impl RefaError {
         }
     }
 
-    /// A configuration error in `path`.
+    /// [`RefaError::InvalidOption`] for the setting `name`.
+    pub fn option(
+        name: &'static str,
+        value: impl std::fmt::Display,
+        requirement: impl Into<String>,
+    ) -> Self {
+        RefaError::InvalidOption {
+            name,
+            value: value.to_string(),
+            requirement: requirement.into(),
+        }
+    }
+
+    /// [`RefaError::InvalidOption`] unless `ok`.
+    pub fn require(
+        ok: bool,
+        name: &'static str,
+        value: impl std::fmt::Display,
+        requirement: impl Into<String>,
+    ) -> Result<(), Self> {
+        if ok {
+            Ok(())
+        } else {
+            Err(RefaError::option(name, value, requirement))
+        }
+    }
+
+    /// [`RefaError::Config`]: a file's content is wrong.
     pub fn config(path: impl AsRef<std::path::Path>, message: impl std::fmt::Display) -> Self {
         RefaError::Config {
             path: path.as_ref().display().to_string(),

@@ -76,7 +76,7 @@ fn sliding_window_changes_the_result_when_shorter_than_the_sequence() {
         sliding_window: None,
         ..config
     };
-    let model = Mistral::new(unwindowed, Device::Cpu, Kind::Float, None);
+    let model = Mistral::new(unwindowed, Device::Cpu, Kind::Float, None).expect("model");
     model
         .load_weights(&CheckpointReader::open(&folder).expect("reader"))
         .expect("weights");
@@ -265,7 +265,7 @@ fn missing_extra_and_misshaped_tensors_are_named() {
 
 fn random_model(kind: Kind, lora: Option<&LoraConfig>) -> Mistral {
     let config = MistralConfig::from_file(fixture("mistral/sliding/config.json")).expect("config");
-    let model = Mistral::new(config, Device::Cpu, kind, lora);
+    let model = Mistral::new(config, Device::Cpu, kind, lora).expect("model");
     model.init_random(5);
     model
 }

@@ -66,7 +66,7 @@ fn torch_rng() -> std::sync::MutexGuard<'static, ()> {
 }
 
 fn tiny_model(seed: i64) -> Mistral {
-    let model = Mistral::new(tiny_config(), Device::Cpu, Kind::Float, None);
+    let model = Mistral::new(tiny_config(), Device::Cpu, Kind::Float, None).expect("model");
     model.init_random(seed);
     model
 }
@@ -103,7 +103,7 @@ fn loss() -> Box<dyn PreferenceLoss> {
 
 /// A trainer on the sample data (its held-out split included) from `tiny_model(model_seed)`.
 fn sample_trainer(model_seed: i64, config: TrainConfig) -> Trainer {
-    let (train, eval) = split_eval(examples(), 0.125, 7);
+    let (train, eval) = split_eval(examples(), 0.125, 7).expect("split");
     Trainer::new(tiny_model(model_seed), loss(), train, eval, 2, config).expect("trainer")
 }
 
@@ -302,6 +302,10 @@ fn a_failed_write_leaves_the_previous_checkpoint_loadable() {
     };
     let err = refa_loss::mistral::write_checkpoint(&folder, &tensors, &[], options).unwrap_err();
     assert!(err.to_string().contains("broken"), "{err}");
+    assert!(
+        !dir.path().join(".checkpoint-1.partial").exists(),
+        "a failed save removes its staging folder"
+    );
     let reloaded = Mistral::from_pretrained(&folder, Device::Cpu, Kind::Float, None)
         .expect("previous checkpoint loads");
     let ids = Tensor::from_slice2(&[[1i64, 5, 9, 2]]);
@@ -447,7 +451,7 @@ fn the_ursla_probe_recovers_a_known_per_token_nll() {
     use refa_loss::train::{length_buckets, response_nll};
     let config = tiny_config();
     let vocab = config.vocab_size as f64;
-    let uniform = Mistral::new(config, Device::Cpu, Kind::Float, None); // all weights zero
+    let uniform = Mistral::new(config, Device::Cpu, Kind::Float, None).expect("model"); // all weights zero
     let all =
         refa_loss::data::tokenize_all(&sample_records(), &tokenizer(), 128, 256).expect("tokenize");
     let samples = response_nll(&uniform, &all, 8, &ScoringConfig::new(2)).expect("probe");

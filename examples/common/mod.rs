@@ -73,6 +73,9 @@ pub fn load_for_inference(
         config.eos_token_id,
     )
     .map_err(|e| e.to_string())?;
+    tokenizer
+        .check_fits(config.vocab_size)
+        .map_err(|e| e.to_string())?;
     Ok((model, tokenizer))
 }
 
@@ -81,5 +84,43 @@ pub fn exit_on_error(result: Result<(), String>) {
     if let Err(message) = result {
         eprintln!("error: {message}");
         std::process::exit(1);
+    }
+}
+
+/// SIGINT (Ctrl-C) and SIGTERM (what `kill` and job schedulers send) ask a run to stop at the
+/// next step boundary and save; a second signal while stopping ends the process at once.
+/// The exit status then tells a stopped run from a finished one: 130 after SIGINT, 143 after
+/// SIGTERM (128 + the signal number, as shells report it).
+pub struct StopSignals {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    status: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl StopSignals {
+    pub fn install() -> std::io::Result<Self> {
+        use signal_hook::consts::{SIGINT, SIGTERM};
+        use signal_hook::flag;
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let status = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        for (signal, exit_status) in [(SIGINT, 130), (SIGTERM, 143)] {
+            // Registered first, so it sees the flag as the previous signal left it.
+            flag::register_conditional_shutdown(signal, exit_status, stop.clone())?;
+            flag::register_usize(signal, status.clone(), exit_status as usize)?;
+            flag::register(signal, stop.clone())?;
+        }
+        Ok(StopSignals { stop, status })
+    }
+
+    /// The flag the trainer polls.
+    pub fn flag(&self) -> &std::sync::atomic::AtomicBool {
+        &self.stop
+    }
+
+    /// 130 or 143 once a signal arrived.
+    pub fn exit_status(&self) -> Option<i32> {
+        match self.status.load(std::sync::atomic::Ordering::SeqCst) {
+            0 => None,
+            status => Some(status as i32),
+        }
     }
 }

@@ -6,6 +6,7 @@ use rand_chacha::ChaCha8Rng;
 use tch::{Device, Tensor};
 
 use crate::data::examples::TokenizedExample;
+use crate::error::{RefaError, Result};
 
 /// `P` prompts with `K` response slots (`K` = the most responses of any prompt in the batch),
 /// flattened to `N = P·K` right-padded sequences of `T` tokens.
@@ -97,7 +98,13 @@ pub fn split_eval(
     examples: Vec<TokenizedExample>,
     fraction: f64,
     seed: u64,
-) -> (Vec<TokenizedExample>, Vec<TokenizedExample>) {
+) -> Result<(Vec<TokenizedExample>, Vec<TokenizedExample>)> {
+    RefaError::require(
+        (0.0..1.0).contains(&fraction),
+        "eval_fraction",
+        fraction,
+        "in [0, 1) (some examples must remain for training)",
+    )?;
     let mut order: Vec<usize> = (0..examples.len()).collect();
     order.shuffle(&mut ChaCha8Rng::seed_from_u64(seed ^ 0x5eed_e7a1));
     let held = ((examples.len() as f64 * fraction).round() as usize).clamp(
@@ -113,7 +120,7 @@ pub fn split_eval(
             train.push(example)
         }
     }
-    (train, eval)
+    Ok((train, eval))
 }
 
 /// The order in which training examples are visited: a fresh seeded shuffle every epoch.

@@ -2,7 +2,7 @@
 
 use crate::data::records::PreferenceRecord;
 use crate::error::Result;
-use crate::mistral::{ChatTokenizer, Encoded};
+use crate::mistral::{check_token_limits, ChatTokenizer, Encoded};
 
 /// One prompt's responses as token ids, with their rewards.
 #[derive(Debug, Clone, PartialEq)]
@@ -27,13 +27,15 @@ pub struct TokenizeReport {
 }
 
 /// Tokenizes `records` with the chat template, truncating prompts to `max_prompt` tokens and
-/// prompt + response to `max_total`, and drops prompts that carry no preference.
+/// prompt + response to `max_total` (see [`ChatTokenizer::encode`]: every response keeps at
+/// least one token), and drops prompts that carry no preference.
 pub fn tokenize_records(
     records: &[PreferenceRecord],
     tokenizer: &ChatTokenizer,
     max_prompt: usize,
     max_total: usize,
 ) -> Result<(Vec<TokenizedExample>, TokenizeReport)> {
+    check_token_limits(max_prompt, max_total)?;
     let mut report = TokenizeReport::default();
     let mut examples = Vec::new();
     for record in records {
@@ -65,6 +67,7 @@ pub fn tokenize_all(
     max_prompt: usize,
     max_total: usize,
 ) -> Result<Vec<TokenizedExample>> {
+    check_token_limits(max_prompt, max_total)?;
     records
         .iter()
         .map(|r| tokenize_record(r, tokenizer, max_prompt, max_total))

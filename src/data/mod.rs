@@ -8,5 +8,6 @@ mod records;
 pub use batches::{collate, split_eval, Collated, DataOrder};
 pub use examples::{tokenize_all, tokenize_records, TokenizeReport, TokenizedExample};
 pub use records::{
-    parse_jsonl, read_jsonl, DataFormat, PreferenceRecord, ReadReport, ScoreField, ScoredResponse,
+    parse_jsonl, parse_jsonl_bytes, read_jsonl, DataFormat, PreferenceRecord, ReadReport,
+    ScoreField, ScoredResponse,
 };

@@ -55,7 +55,8 @@ pub struct ReadReport {
     pub skipped: Vec<(usize, String)>,
 }
 
-/// Reads a JSONL file. A malformed line is a [`RefaError::Data`] naming the file and the
+/// Reads a JSONL file. A malformed line (bad JSON, missing fields, a score that is not a
+/// finite number, bytes that are not UTF-8) is a [`RefaError::Data`] naming the file and the
 /// line, unless `skip_bad_lines`, which skips and reports it. Empty lines are ignored.
 pub fn read_jsonl(
     path: impl AsRef<Path>,
@@ -64,9 +65,9 @@ pub fn read_jsonl(
     skip_bad_lines: bool,
 ) -> Result<ReadReport> {
     let path = path.as_ref();
-    let text = std::fs::read_to_string(path).map_err(|e| RefaError::io(path, &e))?;
-    parse_jsonl(
-        &text,
+    let bytes = std::fs::read(path).map_err(|e| RefaError::io(path, &e))?;
+    parse_jsonl_bytes(
+        &bytes,
         &path.display().to_string(),
         format,
         score,
@@ -82,16 +83,33 @@ pub fn parse_jsonl(
     score: ScoreField,
     skip_bad_lines: bool,
 ) -> Result<ReadReport> {
+    parse_jsonl_bytes(text.as_bytes(), source, format, score, skip_bad_lines)
+}
+
+/// [`read_jsonl`] on bytes already in memory, decoded line by line, so that a line that is
+/// not UTF-8 is reported (or skipped) by its number like any other malformed line.
+pub fn parse_jsonl_bytes(
+    bytes: &[u8],
+    source: &str,
+    format: DataFormat,
+    score: ScoreField,
+    skip_bad_lines: bool,
+) -> Result<ReadReport> {
     let mut report = ReadReport {
         records: Vec::new(),
         skipped: Vec::new(),
     };
-    for (index, line) in text.lines().enumerate() {
-        if line.trim().is_empty() {
-            continue;
-        }
-        match parse_line(line, format, score) {
-            Ok(record) => report.records.push(record),
+    for (index, raw) in bytes.split(|&b| b == b'\n').enumerate() {
+        let raw = raw.strip_suffix(b"\r").unwrap_or(raw);
+        let parsed = std::str::from_utf8(raw)
+            .map_err(|e| format!("not UTF-8 text ({e})"))
+            .and_then(|line| match line.trim().is_empty() {
+                true => Ok(None),
+                false => parse_line(line, format, score).map(Some),
+            });
+        match parsed {
+            Ok(None) => {}
+            Ok(Some(record)) => report.records.push(record),
             Err(message) if skip_bad_lines => report.skipped.push((index + 1, message)),
             Err(message) => {
                 return Err(RefaError::Data {
@@ -183,6 +201,7 @@ impl Completion {
         };
         let number = match value {
             Some(Value::Number(n)) => n.as_f64(),
+            Some(Value::Null) => None,
             // UltraFeedback stores some scores as strings ("8.5").
             Some(Value::String(s)) => s.trim().parse().ok(),
             _ => None,

@@ -69,6 +69,16 @@ impl CheckpointReader {
         let stored = kind_of(view.dtype()).ok_or_else(|| {
             RefaError::checkpoint(name, format!("unsupported dtype {:?}", view.dtype()))
         })?;
+        // Casting integer bit patterns to floats would load garbage weights silently.
+        if crate::validate::is_float(kind) && !crate::validate::is_float(stored) {
+            return Err(RefaError::checkpoint(
+                name,
+                format!(
+                    "stored as {:?}, but the model needs floating-point values ({kind:?})",
+                    view.dtype()
+                ),
+            ));
+        }
         let shape: Vec<i64> = view.shape().iter().map(|&d| d as i64).collect();
         let host = Tensor::f_from_data_size(view.data(), &shape, stored)?;
         Ok(host.f_to_device(device)?.f_to_kind(kind)?)
@@ -222,11 +232,17 @@ pub fn write_checkpoint(
         std::fs::remove_dir_all(&staging).map_err(|e| RefaError::io(&staging, &e))?;
     }
     std::fs::create_dir_all(&staging).map_err(|e| RefaError::io(&staging, &e))?;
-    write_shards(&staging, tensors, options)?;
-    for (name, bytes) in extra_files {
-        write_synced(&staging.join(name), bytes)?;
+    let written = write_shards(&staging, tensors, options).and_then(|()| {
+        for (name, bytes) in extra_files {
+            write_synced(&staging.join(name), bytes)?;
+        }
+        replace_folder(&staging, folder)
+    });
+    if written.is_err() {
+        // A failed save (a full disk, say) must not keep the space it took.
+        let _ = std::fs::remove_dir_all(&staging);
     }
-    replace_folder(&staging, folder)
+    written
 }
 
 /// Splits `tensors` into shards of at most `shard_bytes` and writes them (plus the index
@@ -311,6 +327,19 @@ fn write_synced(path: &Path, bytes: &[u8]) -> Result<()> {
     file.write_all(bytes)
         .and_then(|_| file.sync_all())
         .map_err(|e| RefaError::io(path, &e))
+}
+
+/// Deletes a folder of user state atomically: it is first renamed to a hidden sibling
+/// (`.{name}.deleting`), so that a process killed midway never leaves a visible, partly
+/// deleted folder; the hidden one is removed next (and by the next call for the same name,
+/// should this one be interrupted).
+pub fn remove_folder_atomically(folder: &Path) -> Result<()> {
+    let doomed = sibling(folder, "deleting");
+    if doomed.exists() {
+        std::fs::remove_dir_all(&doomed).map_err(|e| RefaError::io(&doomed, &e))?;
+    }
+    std::fs::rename(folder, &doomed).map_err(|e| RefaError::io(folder, &e))?;
+    std::fs::remove_dir_all(&doomed).map_err(|e| RefaError::io(&doomed, &e))
 }
 
 /// `folder`'s hidden sibling `.{name}.{tag}`.

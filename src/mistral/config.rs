@@ -165,6 +165,33 @@ impl MistralConfig {
                 ));
             }
         }
+        if self.max_position_embeddings <= 0 {
+            let message = format!(
+                "`max_position_embeddings` = {} must be > 0",
+                self.max_position_embeddings
+            );
+            return Err(RefaError::config("config.json", message));
+        }
+        if !(self.rms_norm_eps.is_finite() && self.rms_norm_eps > 0.0) {
+            let message = format!(
+                "`rms_norm_eps` = {} must be finite and > 0",
+                self.rms_norm_eps
+            );
+            return Err(RefaError::config("config.json", message));
+        }
+        // The EOS id is also the trainer's padding id, and both ids index the embedding.
+        for (name, id) in [
+            ("bos_token_id", self.bos_token_id),
+            ("eos_token_id", self.eos_token_id),
+        ] {
+            if !(0..self.vocab_size).contains(&id) {
+                let message = format!(
+                    "`{name}` = {id} is outside the vocabulary [0, {})",
+                    self.vocab_size
+                );
+                return Err(RefaError::config("config.json", message));
+            }
+        }
         if self.num_attention_heads % self.kv_heads() != 0 {
             let message = format!(
                 "`num_attention_heads` = {} must be a multiple of `num_key_value_heads` = {}",

@@ -31,11 +31,36 @@ impl Default for GenerationOptions {
     }
 }
 
+impl GenerationOptions {
+    /// `temperature` finite and >= 0, `top_p` in (0, 1], at least one new token.
+    pub fn validate(&self) -> Result<()> {
+        RefaError::require(
+            self.temperature.is_finite() && self.temperature >= 0.0,
+            "temperature",
+            self.temperature,
+            "finite and >= 0 (0: greedy)",
+        )?;
+        RefaError::require(
+            self.top_p > 0.0 && self.top_p <= 1.0,
+            "top_p",
+            self.top_p,
+            "in (0, 1]",
+        )?;
+        RefaError::require(
+            self.max_new_tokens >= 1,
+            "max_new_tokens",
+            self.max_new_tokens,
+            ">= 1",
+        )
+    }
+}
+
 impl Mistral {
     /// Continues `prompt` (token ids, BOS included) until EOS or `max_new_tokens`, with a
     /// key/value cache: the prompt is processed once, then one position per new token.
     /// Returns the new tokens (EOS included when produced).
     pub fn generate(&self, prompt: &[i64], options: &GenerationOptions) -> Result<Vec<i64>> {
+        options.validate()?;
         if prompt.is_empty() {
             return Err(RefaError::ShapeMismatch {
                 tensor: "prompt",
@@ -54,7 +79,7 @@ impl Mistral {
         let mut offset = 0i64;
         tch::no_grad(|| -> Result<Vec<i64>> {
             while generated.len() < options.max_new_tokens {
-                let logits = self.step(&next_input, offset, &mut cache, device);
+                let logits = self.step(&next_input, offset, &mut cache, device)?;
                 offset += next_input.len() as i64;
                 let token = choose(&logits, options, &mut random)?;
                 generated.push(token);
@@ -74,7 +99,7 @@ impl Mistral {
         offset: i64,
         cache: &mut [LayerCache],
         device: Device,
-    ) -> Tensor {
+    ) -> Result<Tensor> {
         let count = tokens.len() as i64;
         let ids = Tensor::from_slice(tokens).view([1, count]).to(device);
         let (cos, sin) = self.rotary_tables(offset, count);
@@ -87,12 +112,12 @@ impl Mistral {
             causal,
             config: self.config().clone(),
         };
-        let mut x = self.embed_tokens(&ids);
+        let mut x = self.embed_tokens(&ids)?;
         for (layer, layer_cache) in self.decoder_layers().zip(cache.iter_mut()) {
             x = layer.forward_cached(&x, &context, false, Some(layer_cache));
         }
         let last = self.final_norm(&x.narrow(1, count - 1, 1));
-        self.logits(&last).view([-1]).to_kind(Kind::Float)
+        Ok(self.logits(&last).view([-1]).to_kind(Kind::Float))
     }
 }
 

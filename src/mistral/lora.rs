@@ -3,6 +3,9 @@
 use tch::nn::Path;
 use tch::{Kind, Tensor};
 
+use crate::error::{RefaError, Result};
+use crate::mistral::MistralConfig;
+
 /// A linear layer of the model that can carry a LoRA adapter.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum LoraTarget {
@@ -66,6 +69,52 @@ pub struct LoraConfig {
     pub dropout: f64,
     /// Which linear layers get adapters.
     pub targets: Vec<LoraTarget>,
+}
+
+impl LoraConfig {
+    /// Checks the settings against the model they adapt: `1 <= rank <= ` the smallest
+    /// dimension of a targeted layer (a larger rank adds parameters without adding rank),
+    /// `α` finite and > 0, dropout in `[0, 1)`, at least one target.
+    pub fn validate(&self, model: &MistralConfig) -> Result<()> {
+        let attention = model.num_attention_heads * model.head_width();
+        let key_value = model.kv_heads() * model.head_width();
+        let largest_rank = self
+            .targets
+            .iter()
+            .map(|target| match target {
+                LoraTarget::Q | LoraTarget::O => attention.min(model.hidden_size),
+                LoraTarget::K | LoraTarget::V => key_value.min(model.hidden_size),
+                LoraTarget::Gate | LoraTarget::Up | LoraTarget::Down => {
+                    model.intermediate_size.min(model.hidden_size)
+                }
+            })
+            .min()
+            .unwrap_or(0);
+        RefaError::require(
+            !self.targets.is_empty(),
+            "lora.targets",
+            "[]",
+            "at least one layer",
+        )?;
+        RefaError::require(
+            (1..=largest_rank).contains(&self.rank),
+            "lora.rank",
+            self.rank,
+            format!("in [1, {largest_rank}] (the smallest dimension of a targeted layer)"),
+        )?;
+        RefaError::require(
+            self.alpha.is_finite() && self.alpha > 0.0,
+            "lora.alpha",
+            self.alpha,
+            "finite and > 0",
+        )?;
+        RefaError::require(
+            (0.0..1.0).contains(&self.dropout),
+            "lora.dropout",
+            self.dropout,
+            "in [0, 1)",
+        )
+    }
 }
 
 impl Default for LoraConfig {

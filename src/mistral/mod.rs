@@ -25,10 +25,13 @@ mod model;
 mod recompute;
 mod tokenizer;
 
-pub use checkpoint::{safetensors_bytes, write_checkpoint, CheckpointReader, SaveOptions};
+pub use checkpoint::{
+    remove_folder_atomically, safetensors_bytes, write_checkpoint, CheckpointReader, SaveOptions,
+};
 pub use config::{MistralConfig, RopeParameters};
 pub use generate::GenerationOptions;
 pub use lora::{LoraConfig, LoraTarget};
 pub use model::Mistral;
 pub use recompute::ForwardPass;
+pub(crate) use tokenizer::check_token_limits;
 pub use tokenizer::{ChatTemplate, ChatTokenizer, Encoded};

@@ -46,13 +46,17 @@ pub(crate) struct DecoderLayer {
 impl Mistral {
     /// A model with zero weights of `kind` on `device` (load weights next, or initialize
     /// them with [`init_random`](Self::init_random)). With `lora`, adapters are attached to
-    /// the targeted layers and only they are trainable.
+    /// the targeted layers and only they are trainable; its settings are checked first
+    /// ([`LoraConfig::validate`]).
     pub fn new(
         config: MistralConfig,
         device: Device,
         kind: Kind,
         lora: Option<&LoraConfig>,
-    ) -> Self {
+    ) -> Result<Self> {
+        if let Some(lora) = lora {
+            lora.validate(&config)?;
+        }
         let var_store = VarStore::new(device);
         let root = var_store.root();
         let model = root.sub("model");
@@ -77,7 +81,7 @@ impl Mistral {
             )
         });
         let rotary = Rotary::new(config.head_width(), config.rope_base(), device);
-        Mistral {
+        Ok(Mistral {
             config,
             var_store,
             embed,
@@ -86,7 +90,7 @@ impl Mistral {
             lm_head,
             rotary,
             kind,
-        }
+        })
     }
 
     /// Loads `config.json` and the safetensors weights of a Hugging Face checkpoint folder.
@@ -98,7 +102,7 @@ impl Mistral {
     ) -> Result<Self> {
         let folder = folder.as_ref();
         let config = MistralConfig::from_file(folder.join("config.json"))?;
-        let model = Mistral::new(config, device, kind, lora);
+        let model = Mistral::new(config, device, kind, lora)?;
         model.load_weights(&CheckpointReader::open(folder)?)?;
         Ok(model)
     }
@@ -226,8 +230,8 @@ impl Mistral {
         attention_mask: &Tensor,
     ) -> Result<(Tensor, AttentionContext)> {
         let shape = input_ids.size();
-        if shape.len() != 2 || input_ids.kind() != Kind::Int64 {
-            let expected = "[N, T] i64 token ids".to_string();
+        if shape.len() != 2 || input_ids.kind() != Kind::Int64 || shape.contains(&0) {
+            let expected = "[N, T] i64 token ids with N, T >= 1".to_string();
             return Err(RefaError::ShapeMismatch {
                 tensor: "input_ids",
                 actual: shape,
@@ -254,7 +258,7 @@ impl Mistral {
             causal,
             config: self.config.clone(),
         };
-        Ok((self.embed_tokens(input_ids), context))
+        Ok((self.embed_tokens(input_ids)?, context))
     }
 
     /// Rotary tables for positions `offset..offset + count`.
@@ -263,12 +267,20 @@ impl Mistral {
         (cos.narrow(0, offset, count), sin.narrow(0, offset, count))
     }
 
-    /// Embeddings `[N, t, H]` of token ids `[N, t]`.
-    pub(crate) fn embed_tokens(&self, input_ids: &Tensor) -> Tensor {
+    /// Embeddings `[N, t, H]` of token ids `[N, t]`; an id outside the vocabulary is an
+    /// error, not a crash.
+    pub(crate) fn embed_tokens(&self, input_ids: &Tensor) -> Result<Tensor> {
         let shape = input_ids.size();
-        self.embed
-            .index_select(0, &input_ids.flatten(0, -1))
-            .view([shape[0], shape[1], -1])
+        let rows = self
+            .embed
+            .f_index_select(0, &input_ids.flatten(0, -1))
+            .map_err(|e| {
+                RefaError::Torch(format!(
+                    "`input_ids` hold a token id outside the vocabulary [0, {}): {e}",
+                    self.config.vocab_size
+                ))
+            })?;
+        Ok(rows.view([shape[0], shape[1], self.config.hidden_size]))
     }
 
     /// The decoder layers, for the recomputing forward pass.

@@ -145,7 +145,8 @@ impl ChatTokenizer {
 
     /// A prompt and a response, truncated to at most `max_prompt` prompt tokens (the prompt's
     /// start is kept, BOS included) and `max_total` tokens in all (the response is cut, and
-    /// then has no EOS).
+    /// then has no EOS). The prompt keeps at most `max_total − 1` tokens, so that every
+    /// response keeps at least one; `max_prompt >= 1` and `max_total >= 2`.
     pub fn encode(
         &self,
         prompt: &str,
@@ -153,11 +154,41 @@ impl ChatTokenizer {
         max_prompt: usize,
         max_total: usize,
     ) -> Result<Encoded> {
+        check_token_limits(max_prompt, max_total)?;
         let mut prompt = self.encode_prompt(prompt)?;
-        prompt.truncate(max_prompt.min(max_total));
+        prompt.truncate(max_prompt.min(max_total - 1));
         let mut response = self.encode_response(response)?;
         response.truncate(max_total.saturating_sub(prompt.len()));
         Ok(Encoded { prompt, response })
+    }
+
+    /// Tokens the tokenizer can produce, added tokens included.
+    pub fn vocab_size(&self) -> i64 {
+        self.tokenizer.get_vocab_size(true) as i64
+    }
+
+    /// Checks that every id this tokenizer can produce (and its BOS and EOS) is a row of a
+    /// model whose vocabulary has `model_vocab` tokens: a larger tokenizer would index past
+    /// the model's embedding.
+    pub fn check_fits(&self, model_vocab: i64) -> Result<()> {
+        let message = |what: String| {
+            RefaError::config(
+                "tokenizer.json",
+                format!("{what}, but the model's vocabulary has {model_vocab} tokens"),
+            )
+        };
+        if self.vocab_size() > model_vocab {
+            return Err(message(format!(
+                "the tokenizer has {} tokens",
+                self.vocab_size()
+            )));
+        }
+        for (name, id) in [("BOS", self.bos_id), ("EOS", self.eos_id)] {
+            if !(0..model_vocab).contains(&id) {
+                return Err(message(format!("the {name} id is {id}")));
+            }
+        }
+        Ok(())
     }
 
     /// The EOS id.
@@ -169,4 +200,16 @@ impl ChatTokenizer {
     pub fn template(&self) -> ChatTemplate {
         self.template
     }
+}
+
+/// `max_total >= 2` (a prompt token and a response token) and `max_prompt >= 1`: with less,
+/// every response would be cut to nothing.
+pub(crate) fn check_token_limits(max_prompt: usize, max_total: usize) -> Result<()> {
+    RefaError::require(
+        max_total >= 2,
+        "max_tokens",
+        max_total,
+        ">= 2 (one prompt and one response token at least)",
+    )?;
+    RefaError::require(max_prompt >= 1, "max_prompt_tokens", max_prompt, ">= 1")
 }

@@ -145,6 +145,40 @@ impl MetricsLog {
         })
     }
 
+    /// Drops every record of a step after `step` (what a run killed after its last
+    /// checkpoint logged, and a resumed run logs again), atomically: the kept lines go to a
+    /// hidden temporary file that is then renamed over the log. Lines that do not parse are
+    /// kept as they are.
+    pub fn truncate_after(&mut self, step: i64) -> Result<()> {
+        let path = self.path.clone();
+        let text = std::fs::read(&path).map_err(|e| RefaError::io(&path, &e))?;
+        let kept: Vec<&[u8]> = text
+            .split(|&b| b == b'\n')
+            .filter(|line| !line.is_empty())
+            .filter(|line| {
+                let record: std::result::Result<serde_json::Value, _> =
+                    serde_json::from_slice(line);
+                let logged_step = record.ok().and_then(|r| r.get("step")?.as_i64());
+                logged_step.is_none_or(|s| s <= step)
+            })
+            .collect();
+        let mut content = kept.join(&b'\n');
+        if !content.is_empty() {
+            content.push(b'\n');
+        }
+        let name = path
+            .file_name()
+            .map(|n| n.to_string_lossy().to_string())
+            .unwrap_or_default();
+        let temporary = path.with_file_name(format!(".{name}.partial"));
+        std::fs::write(&temporary, &content)
+            .and_then(|()| File::open(&temporary)?.sync_all())
+            .and_then(|()| std::fs::rename(&temporary, &path))
+            .map_err(|e| RefaError::io(&path, &e))?;
+        *self = MetricsLog::open(&path)?;
+        Ok(())
+    }
+
     /// Writes one line.
     pub fn write(&mut self, line: &str) -> Result<()> {
         writeln!(self.file, "{line}")

@@ -2,6 +2,7 @@
 //! gradient accumulation and clipping, evaluation, metrics, atomic checkpoints and exact
 //! resumption, and PNG plots of the curves.
 
+mod fingerprint;
 mod metrics;
 mod optimizer;
 mod plot;

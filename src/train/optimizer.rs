@@ -3,7 +3,7 @@
 
 use tch::{Kind, Tensor};
 
-use crate::error::Result;
+use crate::error::{RefaError, Result};
 
 /// AdamW (Loshchilov & Hutter): decoupled weight decay, bias-corrected moments.
 ///
@@ -182,7 +182,7 @@ impl AdamW {
 }
 
 /// Linear warmup over `warmup` steps, then cosine decay to `min_ratio·peak` at `total`.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct CosineSchedule {
     /// Peak learning rate.
     pub peak: f64,
@@ -195,6 +195,30 @@ pub struct CosineSchedule {
 }
 
 impl CosineSchedule {
+    /// `peak` finite and > 0, `warmup` >= 0, `total` >= 1, `min_ratio` in [0, 1]: anything
+    /// else gives negative, growing or undefined learning rates.
+    pub fn validate(&self) -> Result<()> {
+        RefaError::require(
+            self.peak.is_finite() && self.peak > 0.0,
+            "lr",
+            self.peak,
+            "finite and > 0",
+        )?;
+        RefaError::require(
+            self.total >= 1,
+            "schedule total (max_steps)",
+            self.total,
+            ">= 1",
+        )?;
+        RefaError::require(self.warmup >= 0, "warmup_steps", self.warmup, ">= 0")?;
+        RefaError::require(
+            (0.0..=1.0).contains(&self.min_ratio),
+            "min_lr_ratio",
+            self.min_ratio,
+            "in [0, 1]",
+        )
+    }
+
     /// The learning rate of optimizer step `step` (1-based).
     pub fn lr(&self, step: i64) -> f64 {
         if step <= self.warmup {

@@ -5,9 +5,13 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{RefaError, Result};
+use crate::train::optimizer::CosineSchedule;
 
 /// Where a run stands; with the weights and `optimizer.safetensors` it resumes exactly.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+///
+/// The last four fields record what the position and the schedule depend on; checkpoints
+/// written before they existed read them as `None`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct TrainerState {
     /// Optimizer steps done.
     pub step: i64,
@@ -19,6 +23,18 @@ pub struct TrainerState {
     pub seed: u64,
     /// The model trains LoRA adapters (`adapters.safetensors`) on a frozen base.
     pub lora: bool,
+    /// Number of training examples the data position counts.
+    #[serde(default)]
+    pub train_examples: Option<usize>,
+    /// Fingerprint of the tokenized training data (token ids and rewards).
+    #[serde(default)]
+    pub data_fingerprint: Option<String>,
+    /// The run's optimizer steps.
+    #[serde(default)]
+    pub max_steps: Option<i64>,
+    /// The learning-rate schedule the steps so far followed.
+    #[serde(default)]
+    pub schedule: Option<CosineSchedule>,
 }
 
 impl TrainerState {

@@ -7,11 +7,15 @@ use std::time::Instant;
 
 use tch::{Kind, Tensor};
 
+use crate::batch::PreferenceBatch;
 use crate::data::{collate, Collated, DataOrder, TokenizedExample};
 use crate::error::{RefaError, Result};
 use crate::loss::PreferenceLoss;
-use crate::mistral::{safetensors_bytes, CheckpointReader, Mistral, SaveOptions};
+use crate::mistral::{
+    remove_folder_atomically, safetensors_bytes, CheckpointReader, Mistral, SaveOptions,
+};
 use crate::scoring::{preference_loss_backward, score_hidden, PreferenceTargets, ScoringConfig};
+use crate::train::fingerprint::Fingerprint;
 use crate::train::metrics::{MetricsAccumulator, MetricsLog, StepMetrics};
 use crate::train::optimizer::{AdamW, CosineSchedule};
 use crate::train::state::TrainerState;
@@ -48,8 +52,66 @@ pub struct TrainConfig {
     pub scoring: ScoringConfig,
 }
 
+impl TrainConfig {
+    /// Checks every setting, so that a bad one fails before any work starts: at least one
+    /// prompt, micro-batch and step; a valid schedule ([`CosineSchedule::validate`]);
+    /// clipping threshold >= 0 (0: off; NaN refused, it would switch clipping off silently);
+    /// weight decay finite and >= 0; at least one checkpoint kept; chunks of >= 1 position.
+    pub fn validate(&self) -> Result<()> {
+        RefaError::require(
+            self.prompts_per_batch >= 1,
+            "prompts_per_batch",
+            self.prompts_per_batch,
+            ">= 1",
+        )?;
+        RefaError::require(
+            self.accumulation_steps >= 1,
+            "accumulation_steps",
+            self.accumulation_steps,
+            ">= 1",
+        )?;
+        RefaError::require(self.max_steps >= 1, "max_steps", self.max_steps, ">= 1")?;
+        self.schedule.validate()?;
+        RefaError::require(
+            self.max_grad_norm >= 0.0,
+            "max_grad_norm",
+            self.max_grad_norm,
+            ">= 0 (0: no clipping)",
+        )?;
+        RefaError::require(
+            self.weight_decay.is_finite() && self.weight_decay >= 0.0,
+            "weight_decay",
+            self.weight_decay,
+            "finite and >= 0",
+        )?;
+        RefaError::require(self.eval_every >= 0, "eval_every", self.eval_every, ">= 0")?;
+        RefaError::require(self.save_every >= 0, "save_every", self.save_every, ">= 0")?;
+        RefaError::require(
+            self.keep_checkpoints >= 1,
+            "keep_checkpoints",
+            self.keep_checkpoints,
+            ">= 1",
+        )?;
+        RefaError::require(
+            self.scoring.chunk_size >= 1,
+            "chunk_size",
+            self.scoring.chunk_size,
+            ">= 1",
+        )
+    }
+}
+
 /// Reference-model log-probability sums, computed once from the starting model.
 type ReferenceCache = Vec<Vec<f64>>;
+
+/// `reference_logps.json`: the sums of the training and held-out examples, and the
+/// fingerprint of the data and the starting weights they were computed from.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct ReferenceFile {
+    fingerprint: String,
+    train: ReferenceCache,
+    eval: ReferenceCache,
+}
 
 /// Trains a [`Mistral`] with a preference loss on tokenized examples.
 pub struct Trainer {
@@ -64,6 +126,7 @@ pub struct Trainer {
     reference: Option<(ReferenceCache, ReferenceCache)>,
     log: MetricsLog,
     step: i64,
+    data_fingerprint: String,
 }
 
 impl std::fmt::Debug for Trainer {
@@ -92,8 +155,13 @@ pub struct RunSummary {
 }
 
 impl Trainer {
-    /// A trainer at step 0. Losses that need a reference score every example once with
-    /// the starting model here (cached in `reference_logps.json` in the output folder).
+    /// A trainer at step 0. Everything is checked before any work: the settings
+    /// ([`TrainConfig::validate`]), the loss's hyperparameters and inputs (the loss is run
+    /// once on a two-response probe batch), and every example against the model (token ids
+    /// in its vocabulary, sequences within `max_position_embeddings`, at least one training
+    /// example). Losses that need a reference score every example once with the starting
+    /// model here (cached in `reference_logps.json` in the output folder, with a fingerprint
+    /// of the data and the weights: a cache from other data or another model is rebuilt).
     pub fn new(
         model: Mistral,
         loss: Box<dyn PreferenceLoss>,
@@ -102,6 +170,12 @@ impl Trainer {
         pad_id: i64,
         config: TrainConfig,
     ) -> Result<Self> {
+        config.validate()?;
+        RefaError::require(!train.is_empty(), "training examples", 0, ">= 1")?;
+        check_examples_fit(&model, pad_id, &train)?;
+        check_examples_fit(&model, pad_id, &eval)?;
+        probe_loss(loss.as_ref(), &config.scoring)?;
+        let data_fingerprint = Fingerprint::default().examples(&train).hex();
         std::fs::create_dir_all(&config.output_dir)
             .map_err(|e| RefaError::io(&config.output_dir, &e))?;
         let named = model.var_store().variables().into_iter().collect();
@@ -121,6 +195,7 @@ impl Trainer {
             reference: None,
             log,
             step: 0,
+            data_fingerprint,
         };
         if trainer.loss.needs_reference() {
             trainer.reference = Some(trainer.load_or_score_reference()?);
@@ -239,6 +314,9 @@ impl Trainer {
         stop: &AtomicBool,
         mut on_step: impl FnMut(&StepMetrics),
     ) -> Result<RunSummary> {
+        // The log keeps the history up to where this run starts: a fresh run drops an earlier
+        // run's steps, a resumed one the steps logged after its checkpoint (a killed run's).
+        self.log.truncate_after(self.step)?;
         let mut summary = RunSummary {
             steps: self.step,
             history: Vec::new(),
@@ -285,6 +363,10 @@ impl Trainer {
             position: self.order.position,
             seed: self.config.seed,
             lora: !self.model.adapter_parameters().is_empty(),
+            train_examples: Some(self.train.len()),
+            data_fingerprint: Some(self.data_fingerprint.clone()),
+            max_steps: Some(self.config.max_steps),
+            schedule: Some(self.config.schedule),
         };
         let optimizer = self.optimizer.state_tensors();
         let mut files = vec![
@@ -313,9 +395,16 @@ impl Trainer {
     /// Continues from a checkpoint written by [`save_checkpoint`](Self::save_checkpoint):
     /// weights (or LoRA adapters), optimizer moments, step and data position. The next
     /// steps then produce what an uninterrupted run would have.
-    pub fn resume(&mut self, folder: impl AsRef<Path>) -> Result<()> {
+    ///
+    /// A checkpoint of other training data (another fingerprint, or a position beyond this
+    /// data) is refused. Returns notes on what this run changes: a learning-rate schedule or
+    /// a step count other than the checkpoint's. ([`run`](Self::run) then drops the records
+    /// of `metrics.jsonl` after the checkpoint's step: a killed run logged them, and they
+    /// are run again.)
+    pub fn resume(&mut self, folder: impl AsRef<Path>) -> Result<Vec<String>> {
         let folder = folder.as_ref();
         let state = TrainerState::read(folder)?;
+        self.check_resumable(folder, &state)?;
         let read_file = |file: &str| -> Result<Vec<(String, Tensor)>> {
             let path = folder.join(file);
             Tensor::read_safetensors(&path).map_err(|e| RefaError::config(&path, e))
@@ -338,7 +427,58 @@ impl Trainer {
         })?;
         self.step = state.step;
         self.order = DataOrder::resume(self.train.len(), state.seed, state.epoch, state.position);
+        Ok(self.schedule_notes(&state))
+    }
+
+    /// Refuses a checkpoint whose data position belongs to other training data.
+    fn check_resumable(&self, folder: &Path, state: &TrainerState) -> Result<()> {
+        let path = folder.join(TrainerState::FILE);
+        let other_data = |what: String| {
+            RefaError::config(
+                &path,
+                format!("{what}: resume with the same data and tokenization settings"),
+            )
+        };
+        if let Some(fingerprint) = &state.data_fingerprint {
+            if *fingerprint != self.data_fingerprint {
+                return Err(other_data(format!(
+                    "written for other training data ({} examples, fingerprint {fingerprint}); \
+                     this run has {} examples (fingerprint {})",
+                    state.train_examples.unwrap_or(0),
+                    self.train.len(),
+                    self.data_fingerprint
+                )));
+            }
+        }
+        if state.position > self.train.len() {
+            return Err(other_data(format!(
+                "its data position {} lies beyond this run's {} training examples",
+                state.position,
+                self.train.len()
+            )));
+        }
         Ok(())
+    }
+
+    /// What this run changes against the checkpoint's schedule, in words.
+    fn schedule_notes(&self, state: &TrainerState) -> Vec<String> {
+        let mut notes = Vec::new();
+        if let Some(max_steps) = state.max_steps.filter(|&m| m != self.config.max_steps) {
+            notes.push(format!(
+                "max_steps changes from {max_steps} to {}",
+                self.config.max_steps
+            ));
+        }
+        if let Some(schedule) = state.schedule.filter(|s| *s != self.config.schedule) {
+            notes.push(format!(
+                "the learning-rate schedule changes from {schedule:?} to {:?}: steps 1..={} \
+                 followed the old one, the steps from {} on follow the new one",
+                self.config.schedule,
+                state.step,
+                state.step + 1
+            ));
+        }
+        notes
     }
 
     fn collate(&self, examples: &[TokenizedExample], indices: &[usize]) -> Collated {
@@ -364,15 +504,35 @@ impl Trainer {
         )
     }
 
+    /// The reference sums from `reference_logps.json` when its fingerprint (data, starting
+    /// weights, scoring settings) matches this run; otherwise scored anew and written
+    /// atomically. A cache of other data or another model is never reused.
     fn load_or_score_reference(&self) -> Result<(ReferenceCache, ReferenceCache)> {
         let path = self.config.output_dir.join("reference_logps.json");
-        if let Ok(text) = std::fs::read_to_string(&path) {
-            return serde_json::from_str(&text).map_err(|e| RefaError::config(&path, e));
+        let fingerprint = Fingerprint::default()
+            .examples(&self.train)
+            .examples(&self.eval)
+            .number(self.config.scoring.eos_id)
+            .weights(&self.model)?
+            .hex();
+        let cached = std::fs::read(&path)
+            .ok()
+            .and_then(|bytes| serde_json::from_slice::<ReferenceFile>(&bytes).ok())
+            .filter(|file| file.fingerprint == fingerprint);
+        if let Some(file) = cached {
+            return Ok((file.train, file.eval));
         }
-        let cache = (self.score_all(&self.train)?, self.score_all(&self.eval)?);
-        let text = serde_json::to_string(&cache).map_err(|e| RefaError::config(&path, e))?;
-        std::fs::write(&path, text).map_err(|e| RefaError::io(&path, &e))?;
-        Ok(cache)
+        let file = ReferenceFile {
+            fingerprint,
+            train: self.score_all(&self.train)?,
+            eval: self.score_all(&self.eval)?,
+        };
+        let text = serde_json::to_vec(&file).map_err(|e| RefaError::config(&path, e))?;
+        let temporary = self.config.output_dir.join(".reference_logps.json.partial");
+        std::fs::write(&temporary, text)
+            .and_then(|()| std::fs::rename(&temporary, &path))
+            .map_err(|e| RefaError::io(&path, &e))?;
+        Ok((file.train, file.eval))
     }
 
     /// `logp_sum` of every response of `examples` under the current model.
@@ -421,8 +581,7 @@ impl Trainer {
             .len()
             .saturating_sub(self.config.keep_checkpoints.max(1));
         for step in &steps[..excess] {
-            let path = dir.join(checkpoint_name(*step));
-            std::fs::remove_dir_all(&path).map_err(|e| RefaError::io(&path, &e))?;
+            remove_folder_atomically(&dir.join(checkpoint_name(*step)))?;
         }
         Ok(())
     }
@@ -449,6 +608,62 @@ impl Trainer {
                 .map(|p| p.display().to_string()),
         }
     }
+}
+
+/// Every token id of `examples` (and the padding id) must index the model's embedding, and
+/// every sequence fit its `max_position_embeddings`.
+fn check_examples_fit(model: &Mistral, pad_id: i64, examples: &[TokenizedExample]) -> Result<()> {
+    let config = model.config();
+    let vocab = config.vocab_size;
+    RefaError::require(
+        (0..vocab).contains(&pad_id),
+        "pad_id",
+        pad_id,
+        format!("in [0, {vocab}) (the model's vocabulary)"),
+    )?;
+    for (index, example) in examples.iter().enumerate() {
+        for encoded in &example.responses {
+            let ids = encoded.prompt.iter().chain(&encoded.response);
+            if let Some(id) = ids.clone().find(|id| !(0..vocab).contains(*id)) {
+                return Err(RefaError::config(
+                    "tokenized data",
+                    format!(
+                        "example {index} holds token id {id}, outside the model's vocabulary \
+                         [0, {vocab}): the tokenizer does not belong to this model"
+                    ),
+                ));
+            }
+            let length = ids.count() as i64;
+            if length > config.max_position_embeddings {
+                return Err(RefaError::config(
+                    "tokenized data",
+                    format!(
+                        "example {index} has a sequence of {length} tokens, more than the \
+                         model's max_position_embeddings = {}: lower the token limits",
+                        config.max_position_embeddings
+                    ),
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Runs `loss` once on a two-response batch with every input it may read, so that a bad
+/// hyperparameter or an input the scoring settings will not provide (per-step EOS for
+/// `EosMode::Budgeted`) fails before the first step rather than at it.
+fn probe_loss(loss: &dyn PreferenceLoss, scoring: &ScoringConfig) -> Result<()> {
+    let pair = |a: f32, b: f32| Tensor::from_slice(&[a, b]).view([1, 2]);
+    let mut batch = PreferenceBatch::new(&pair(-1.0, -2.0), &pair(1.0, 1.0), &pair(1.0, 0.0))?
+        .with_eos(&pair(-1.0, -1.0), &pair(1.0, 1.0).gt(0.0))?;
+    if loss.needs_reference() {
+        batch = batch.with_reference(&pair(-1.0, -2.0))?;
+    }
+    if scoring.eos_steps {
+        let steps = Tensor::full([1, 2, 1], -1.0, (Kind::Float, tch::Device::Cpu));
+        batch = batch.with_eos_steps(&steps, &steps.lt(0.0))?;
+    }
+    tch::no_grad(|| loss.compute(&batch)).map(|_| ())
 }
 
 /// `checkpoint-{step}`.

@@ -35,6 +35,9 @@ pub fn response_nll(
     let mut samples = Vec::new();
     for chunk in examples.chunks(prompts_per_batch.max(1)) {
         let refs: Vec<&TokenizedExample> = chunk.iter().collect();
+        if refs.iter().all(|e| e.responses.is_empty()) {
+            continue;
+        }
         let batch = collate(&refs, model.config().eos_token_id, device);
         let scores = tch::no_grad(|| -> Result<_> {
             let hidden = model.forward(&batch.input_ids, &batch.attention_mask, false)?;

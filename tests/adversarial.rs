@@ -1,0 +1,651 @@
+//! Bad input of every kind a user can hand the trainer, the generator and the URSLA probe,
+//! through the built example binaries (as a user runs them) and the library calls they make:
+//! each case ends with a typed error naming the culprit (exit status 1) or a handled run,
+//! never a panic (exit status 101) and never exit 0 with a wrong result. Plus signals,
+//! kills during saving and pruning, resumption on other data, and arbitrary bytes fed to the
+//! data readers.
+#![cfg(feature = "trainer")]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use proptest::prelude::*;
+use refa_loss::data::{parse_jsonl_bytes, DataFormat, ScoreField};
+use refa_loss::mistral::{Mistral, MistralConfig, SaveOptions};
+use refa_loss::train::TrainerState;
+use tch::{Device, Kind, Tensor};
+
+fn repo_file(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join(name)
+}
+
+/// An example binary of this build (`cargo test` builds the examples beside the tests).
+fn example(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("test binary path");
+    let profile = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target/<profile>/deps");
+    let path = profile.join("examples").join(name);
+    assert!(
+        path.exists(),
+        "{} is missing: `cargo test --all-features` builds the examples with the tests",
+        path.display()
+    );
+    path
+}
+
+fn command(name: &str, args: &[&str]) -> Command {
+    let mut command = Command::new(example(name));
+    command.args(args).stdin(Stdio::null());
+    command
+}
+
+fn run(name: &str, args: &[&str]) -> Output {
+    command(name, args).output().expect("example runs")
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+/// The run stopped with exit status 1 and an error naming `culprit`, without a panic.
+fn assert_refused(output: &Output, culprit: &str, case: &str) {
+    let stderr = text(&output.stderr);
+    assert_eq!(
+        output.status.code(),
+        Some(1),
+        "{case}: expected a clean error, got {:?}\nstderr: {stderr}\nstdout: {}",
+        output.status,
+        text(&output.stdout)
+    );
+    assert!(!stderr.contains("panicked"), "{case}: panicked: {stderr}");
+    assert!(
+        stderr.contains(culprit),
+        "{case}: the error should name `{culprit}`: {stderr}"
+    );
+}
+
+fn train_args<'a>(dir: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
+    let mut args = vec![
+        "--output-dir",
+        dir,
+        "--quiet",
+        "--max-steps",
+        "2",
+        "--save-every",
+        "0",
+    ];
+    args.extend_from_slice(extra);
+    args
+}
+
+#[test]
+fn bad_trainer_flags_are_refused_before_the_first_step() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let out = dir.path().to_str().expect("utf-8 path");
+    let cases: &[(&[&str], &str)] = &[
+        (&["--prompts-per-batch", "0"], "prompts_per_batch"),
+        (&["--accumulation-steps", "0"], "accumulation_steps"),
+        (&["--lr=-1"], "`lr`"),
+        (&["--lr", "nan"], "`lr`"),
+        (&["--min-lr-ratio=-2"], "min_lr_ratio"),
+        (&["--warmup-steps=-1"], "warmup_steps"),
+        (&["--max-tokens", "1"], "max_tokens"),
+        (&["--max-tokens", "0"], "max_tokens"),
+        (&["--max-prompt-tokens", "0"], "max_prompt_tokens"),
+        (&["--max-tokens", "5000"], "max_position_embeddings"),
+        (&["--lora-rank", "100000"], "lora.rank"),
+        (&["--lora-rank=-1"], "--lora-rank"),
+        (
+            &["--lora-rank", "4", "--lora-dropout", "1.5"],
+            "lora.dropout",
+        ),
+        (&["--lora-rank", "4", "--lora-alpha", "nan"], "lora.alpha"),
+        (&["--max-grad-norm", "nan"], "max_grad_norm"),
+        (&["--max-grad-norm=-1"], "max_grad_norm"),
+        (&["--weight-decay", "inf"], "weight_decay"),
+        (&["--eval-fraction", "1.5"], "eval_fraction"),
+        (&["--eval-fraction=-0.1"], "eval_fraction"),
+        (&["--keep-checkpoints", "0"], "keep_checkpoints"),
+        (&["--chunk-size", "0"], "chunk_size"),
+        (&["--beta=-1"], "beta"),
+        (&["--gamma", "0"], "gamma"),
+        (
+            &[
+                "--eos-lambda",
+                "0.1",
+                "--eos-mode",
+                "budgeted",
+                "--eos-budget",
+                "0",
+            ],
+            "budget",
+        ),
+        (
+            &[
+                "--eos-lambda",
+                "0.1",
+                "--eos-target",
+                "soon",
+                "--eos-mode",
+                "target-length",
+            ],
+            "--eos-target",
+        ),
+    ];
+    for (flags, culprit) in cases {
+        let mut args = vec!["--output-dir", out, "--quiet"];
+        args.extend_from_slice(flags);
+        // --max-steps stays valid unless the case is about it.
+        let output = run("train_mistral", &args);
+        assert_refused(&output, culprit, &format!("{flags:?}"));
+        assert!(
+            !dir.path().join("checkpoint-60").exists(),
+            "{flags:?}: no checkpoint after a refused configuration"
+        );
+    }
+    for steps in ["--max-steps=-5", "--max-steps=0"] {
+        let output = run("train_mistral", &["--output-dir", out, "--quiet", steps]);
+        assert_refused(&output, "max_steps", steps);
+    }
+}
+
+/// A model folder (config, weights, tokenizer) saved from the tiny config with `edit`
+/// applied to its config first.
+fn model_folder(parent: &Path, name: &str, edit: impl FnOnce(&mut MistralConfig)) -> PathBuf {
+    let text =
+        std::fs::read_to_string(repo_file("examples/data/tiny-config.json")).expect("config");
+    let mut config = MistralConfig::from_json(&text).expect("config");
+    edit(&mut config);
+    let folder = parent.join(name);
+    let model = Mistral::new(config, Device::Cpu, Kind::Float, None).expect("model");
+    model.init_random(3);
+    model
+        .save_pretrained(&folder, SaveOptions::default())
+        .expect("save");
+    std::fs::copy(
+        repo_file("examples/data/tokenizer.json"),
+        folder.join("tokenizer.json"),
+    )
+    .expect("tokenizer");
+    folder
+}
+
+/// Rewrites `config.json` of `folder` with one field changed (bypassing the typed config,
+/// as a hand-edited file would).
+fn set_config_field(folder: &Path, field: &str, value: serde_json::Value) {
+    let path = folder.join("config.json");
+    let mut json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).expect("config")).expect("json");
+    json[field] = value;
+    std::fs::write(&path, json.to_string()).expect("write config");
+}
+
+#[test]
+fn checkpoints_and_tokenizers_that_do_not_fit_the_model_are_refused() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let out = dir.path().join("run");
+    let out = out.to_str().expect("utf-8");
+
+    // An EOS id outside the vocabulary (it would also be the padding id).
+    let bad_eos = model_folder(dir.path(), "bad-eos", |_| {});
+    set_config_field(&bad_eos, "eos_token_id", serde_json::json!(9999));
+    let output = run(
+        "train_mistral",
+        &train_args(out, &["--model", bad_eos.to_str().unwrap()]),
+    );
+    assert_refused(&output, "eos_token_id", "eos id outside the vocabulary");
+
+    // A tokenizer larger than the model's vocabulary (512 tokens against 300 rows).
+    let small = model_folder(dir.path(), "small-vocab", |c| c.vocab_size = 300);
+    let output = run(
+        "train_mistral",
+        &train_args(out, &["--model", small.to_str().unwrap()]),
+    );
+    assert_refused(&output, "tokenizer", "tokenizer larger than the model");
+    let prompts = dir.path().join("prompts.json");
+    std::fs::write(&prompts, r#"[{"instruction": "Say hi."}]"#).expect("prompts");
+    let output = run(
+        "generate",
+        &[
+            "--model",
+            small.to_str().unwrap(),
+            "--prompts",
+            prompts.to_str().unwrap(),
+            "--output",
+            dir.path().join("gen.json").to_str().unwrap(),
+        ],
+    );
+    assert_refused(
+        &output,
+        "tokenizer",
+        "generate with a tokenizer larger than the model",
+    );
+
+    // Integer bit patterns where float weights belong.
+    let ints = model_folder(dir.path(), "int-weights", |_| {});
+    let weights = ints.join("model.safetensors");
+    let mut tensors = Tensor::read_safetensors(&weights).expect("read");
+    for (name, tensor) in tensors.iter_mut() {
+        if name == "model.norm.weight" {
+            *tensor = tensor.to_kind(Kind::Int);
+        }
+    }
+    Tensor::write_safetensors(&tensors, &weights).expect("write");
+    let output = run(
+        "train_mistral",
+        &train_args(out, &["--model", ints.to_str().unwrap()]),
+    );
+    assert_refused(&output, "model.norm.weight", "I32 weights");
+
+    // max_position_embeddings below --max-tokens.
+    let short = model_folder(dir.path(), "short-context", |c| {
+        c.max_position_embeddings = 64
+    });
+    let output = run(
+        "train_mistral",
+        &train_args(
+            out,
+            &["--model", short.to_str().unwrap(), "--max-tokens", "128"],
+        ),
+    );
+    assert_refused(
+        &output,
+        "max_position_embeddings",
+        "context shorter than --max-tokens",
+    );
+}
+
+#[test]
+fn generate_and_the_ursla_probe_refuse_what_they_cannot_answer() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let model = model_folder(dir.path(), "model", |_| {});
+    let model = model.to_str().unwrap();
+    let out = dir.path().join("out.json");
+    let out = out.to_str().unwrap();
+    for (flags, culprit) in [
+        (&["--temperature", "nan"][..], "temperature"),
+        (&["--temperature=-1"][..], "temperature"),
+        (&["--top-p", "0"][..], "top_p"),
+        (&["--max-new-tokens", "0"][..], "max_new_tokens"),
+    ] {
+        let mut args = vec!["--model", model, "--output", out];
+        args.extend_from_slice(flags);
+        assert_refused(
+            &run("generate", &args),
+            culprit,
+            &format!("generate {flags:?}"),
+        );
+    }
+    let empty = dir.path().join("empty.jsonl");
+    std::fs::write(&empty, "").expect("empty file");
+    let output = run(
+        "generate",
+        &[
+            "--model",
+            model,
+            "--output",
+            out,
+            "--prompts",
+            empty.to_str().unwrap(),
+        ],
+    );
+    assert_refused(&output, "no prompt", "generate on an empty prompt file");
+    assert!(
+        !Path::new(out).exists(),
+        "no output file for an empty prompt file"
+    );
+
+    let no_responses = dir.path().join("no-responses.jsonl");
+    std::fs::write(&no_responses, "{\"prompt\": \"p\", \"responses\": []}\n").expect("data");
+    let output = run(
+        "ursla_probe",
+        &[
+            "--model",
+            model,
+            "--data",
+            no_responses.to_str().unwrap(),
+            "--plot",
+            dir.path().join("u.png").to_str().unwrap(),
+        ],
+    );
+    assert_refused(&output, "responses", "URSLA probe without responses");
+}
+
+#[test]
+fn non_utf8_lines_are_named_and_can_be_skipped() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let sample = std::fs::read(repo_file("examples/data/sample.jsonl")).expect("sample");
+    let mut data = b"{\"prompt\": \"caf\xe9\", \"responses\": []}\n".to_vec();
+    data.extend_from_slice(&sample);
+    let path = dir.path().join("latin1.jsonl");
+    std::fs::write(&path, &data).expect("data");
+    let out = dir.path().join("run");
+    let out = out.to_str().unwrap();
+    let data_flag = ["--data", path.to_str().unwrap()];
+    let output = run("train_mistral", &train_args(out, &data_flag));
+    assert_refused(&output, "line 1", "a Latin-1 line");
+    assert!(text(&output.stderr).contains("UTF-8"));
+    let mut skipping = data_flag.to_vec();
+    skipping.push("--skip-bad-lines");
+    let output = run("train_mistral", &train_args(out, &skipping));
+    assert!(output.status.success(), "{}", text(&output.stderr));
+    assert!(text(&output.stderr).contains("skipped line 1"));
+}
+
+fn wait_for_file(path: &Path, child: &mut Child, limit: Duration) {
+    let start = Instant::now();
+    while !path.exists() {
+        assert!(
+            child.try_wait().expect("child").is_none(),
+            "the run ended early"
+        );
+        assert!(start.elapsed() < limit, "{} never appeared", path.display());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn send(child: &Child, signal: i32) {
+    // SAFETY: kill(2) on our own child's pid, with a valid signal number.
+    let result = unsafe { libc::kill(child.id() as i32, signal) };
+    assert_eq!(result, 0, "kill");
+}
+
+/// SIGTERM and SIGINT stop the run at a step boundary with a checkpoint, and the exit status
+/// (143, 130) tells the stop from a finished run.
+#[test]
+fn signals_save_a_checkpoint_and_exit_non_zero() {
+    for (signal, status) in [(libc::SIGTERM, 143), (libc::SIGINT, 130)] {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let out = dir.path().to_str().unwrap();
+        let child = command(
+            "train_mistral",
+            &[
+                "--output-dir",
+                out,
+                "--quiet",
+                "--max-steps",
+                "100000",
+                "--save-every",
+                "0",
+                "--eval-every",
+                "0",
+            ],
+        )
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn");
+        // metrics.jsonl gets its first training line after step 1.
+        let metrics = dir.path().join("metrics.jsonl");
+        let start = Instant::now();
+        while std::fs::read_to_string(&metrics)
+            .unwrap_or_default()
+            .lines()
+            .count()
+            < 2
+        {
+            assert!(
+                start.elapsed() < Duration::from_secs(60),
+                "no training step"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        send(&child, signal);
+        let output = child.wait_with_output().expect("wait");
+        assert_eq!(
+            output.status.code(),
+            Some(status),
+            "{}",
+            text(&output.stderr)
+        );
+        let checkpoint = refa_loss::train::latest_checkpoint(dir.path()).expect("a checkpoint");
+        let state = TrainerState::read(&checkpoint).expect("state");
+        assert!(state.step >= 1 && state.step < 100000);
+    }
+}
+
+/// Killed (SIGKILL) at random points of a run that saves and prunes every step: every
+/// visible checkpoint loads, no hidden leftovers are visible as checkpoints, and resuming
+/// from the latest continues with a metrics log that holds each step once.
+#[test]
+fn kills_during_saving_and_pruning_leave_every_visible_checkpoint_loadable() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let out = dir.path().to_str().unwrap();
+    let base = [
+        "--output-dir",
+        out,
+        "--quiet",
+        "--save-every",
+        "1",
+        "--keep-checkpoints",
+        "2",
+        "--eval-every",
+        "0",
+        "--max-steps",
+        "400",
+    ];
+    let mut random = 0x2545_f491_4f6c_dd1du64;
+    for round in 0..6 {
+        let mut args = base.to_vec();
+        if refa_loss::train::latest_checkpoint(dir.path()).is_some() {
+            args.extend_from_slice(&["--resume", "latest"]);
+        }
+        let mut child = command("train_mistral", &args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn");
+        wait_for_file(
+            &dir.path().join("metrics.jsonl"),
+            &mut child,
+            Duration::from_secs(60),
+        );
+        random ^= random << 13;
+        random ^= random >> 7;
+        random ^= random << 17;
+        std::thread::sleep(Duration::from_millis(300 + random % 900));
+        send(&child, libc::SIGKILL);
+        child.wait().expect("wait");
+        for entry in std::fs::read_dir(dir.path()).expect("dir") {
+            let path = entry.expect("entry").path();
+            let name = path.file_name().unwrap().to_string_lossy().to_string();
+            if !name.starts_with("checkpoint-") {
+                continue;
+            }
+            let state =
+                TrainerState::read(&path).unwrap_or_else(|e| panic!("round {round}: {name}: {e}"));
+            Mistral::from_pretrained(&path, Device::Cpu, Kind::Float, None)
+                .unwrap_or_else(|e| panic!("round {round}: {name}: {e}"));
+            Tensor::read_safetensors(path.join("optimizer.safetensors"))
+                .unwrap_or_else(|e| panic!("round {round}: {name} optimizer: {e}"));
+            assert_eq!(name, format!("checkpoint-{}", state.step));
+        }
+    }
+    let latest = refa_loss::train::latest_checkpoint(dir.path()).expect("a checkpoint survived");
+    let step = TrainerState::read(&latest).expect("state").step;
+    let mut args = base.to_vec();
+    let stop_at = (step + 2).to_string();
+    let last = args.len() - 1;
+    args[last] = &stop_at;
+    args.extend_from_slice(&["--resume", "latest"]);
+    let output = run("train_mistral", &args);
+    assert!(output.status.success(), "{}", text(&output.stderr));
+    let log = std::fs::read_to_string(dir.path().join("metrics.jsonl")).expect("log");
+    let mut steps: Vec<i64> = log
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|r| r.get("loss").is_some() && r.get("eval/loss").is_none())
+        .filter_map(|r| r["step"].as_i64())
+        .collect();
+    let count = steps.len();
+    steps.dedup();
+    assert_eq!(steps.len(), count, "a step logged twice: {steps:?}");
+    assert_eq!(
+        steps,
+        (1..=step + 2).collect::<Vec<_>>(),
+        "every step logged once"
+    );
+}
+
+/// Resuming on other data is refused (the data position belongs to other examples); a
+/// resume with another step count is accepted and says what changes.
+#[test]
+fn resuming_on_other_data_is_refused_and_schedule_changes_are_reported() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let out = dir.path().to_str().unwrap();
+    let output = run("train_mistral", &train_args(out, &[]));
+    assert!(output.status.success(), "{}", text(&output.stderr));
+    let sample = std::fs::read_to_string(repo_file("examples/data/sample.jsonl")).expect("sample");
+    let smaller: String = sample.lines().take(20).map(|l| format!("{l}\n")).collect();
+    let path = dir.path().join("smaller.jsonl");
+    std::fs::write(&path, smaller).expect("data");
+    let output = run(
+        "train_mistral",
+        &[
+            "--output-dir",
+            out,
+            "--quiet",
+            "--max-steps",
+            "4",
+            "--resume",
+            "latest",
+            "--data",
+            path.to_str().unwrap(),
+        ],
+    );
+    assert_refused(
+        &output,
+        "other training data",
+        "resume on a smaller data file",
+    );
+    let output = run(
+        "train_mistral",
+        &[
+            "--output-dir",
+            out,
+            "--quiet",
+            "--max-steps",
+            "4",
+            "--resume",
+            "latest",
+        ],
+    );
+    assert!(output.status.success(), "{}", text(&output.stderr));
+    assert!(
+        text(&output.stdout).contains("max_steps changes from 2 to 4"),
+        "{}",
+        text(&output.stdout)
+    );
+}
+
+/// A DPO run in a folder that holds another run's `reference_logps.json` scores the
+/// reference anew: before any step the policy equals the reference, so DPO's loss is ln 2.
+#[test]
+fn a_stale_reference_cache_is_rebuilt_not_reused() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let out = dir.path().to_str().unwrap();
+    let stale = serde_json::json!({ "fingerprint": "0000000000000000",
+        "train": vec![vec![-1.0; 4]; 56], "eval": vec![vec![-50.0; 4]; 8] });
+    std::fs::write(dir.path().join("reference_logps.json"), stale.to_string()).expect("stale");
+    let output = run("train_mistral", &train_args(out, &["--loss", "dpo"]));
+    assert!(output.status.success(), "{}", text(&output.stderr));
+    let log = std::fs::read_to_string(dir.path().join("metrics.jsonl")).expect("log");
+    let first: serde_json::Value =
+        serde_json::from_str(log.lines().next().expect("line")).expect("json");
+    let loss = first["eval/loss"]
+        .as_f64()
+        .expect("eval loss before training");
+    assert!(
+        (loss - std::f64::consts::LN_2).abs() < 1e-4,
+        "eval loss {loss}, expected ln 2"
+    );
+    let cache = std::fs::read_to_string(dir.path().join("reference_logps.json")).expect("cache");
+    assert!(
+        !cache.contains("0000000000000000"),
+        "the stale cache was replaced"
+    );
+}
+
+fn json_value() -> impl Strategy<Value = serde_json::Value> {
+    let leaf = prop_oneof![
+        Just(serde_json::Value::Null),
+        any::<bool>().prop_map(serde_json::Value::from),
+        any::<f64>().prop_map(serde_json::Value::from),
+        any::<i64>().prop_map(serde_json::Value::from),
+        ".{0,12}".prop_map(serde_json::Value::from),
+        prop::sample::select(vec![
+            "prompt",
+            "responses",
+            "text",
+            "score",
+            "instruction",
+            "completions",
+            "response",
+            "overall_score",
+            "fine-grained_score"
+        ])
+        .prop_map(serde_json::Value::from),
+    ];
+    leaf.prop_recursive(4, 48, 6, |inner| {
+        prop_oneof![
+            prop::collection::vec(inner.clone(), 0..6).prop_map(serde_json::Value::Array),
+            prop::collection::vec(
+                (
+                    prop::sample::select(vec![
+                        "prompt",
+                        "responses",
+                        "text",
+                        "score",
+                        "instruction",
+                        "completions",
+                        "response",
+                        "overall_score",
+                        "fine-grained_score",
+                        "other"
+                    ]),
+                    inner
+                ),
+                0..6,
+            )
+            .prop_map(|fields| serde_json::Value::Object(
+                fields
+                    .into_iter()
+                    .map(|(k, v)| (k.to_string(), v))
+                    .collect()
+            )),
+        ]
+    })
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 256, rng_seed: proptest::test_runner::RngSeed::Fixed(0xBAD_DA7A), ..ProptestConfig::default() })]
+
+    /// Arbitrary bytes never panic a reader: records, a named error, or skipped lines.
+    #[test]
+    fn arbitrary_bytes_never_panic_the_readers(bytes in prop::collection::vec(any::<u8>(), 0..400)) {
+        for format in [DataFormat::Simple, DataFormat::UltraFeedback] {
+            for skip in [false, true] {
+                let _ = parse_jsonl_bytes(&bytes, "fuzz", format, ScoreField::Overall, skip);
+            }
+        }
+    }
+
+    /// Arbitrary JSON values (shaped like the formats' fields) never panic a reader, and a
+    /// record it accepts has finite scores.
+    #[test]
+    fn arbitrary_json_never_panics_the_readers(values in prop::collection::vec(json_value(), 1..5)) {
+        let text: String = values.iter().map(|v| format!("{v}\n")).collect();
+        for format in [DataFormat::Simple, DataFormat::UltraFeedback] {
+            for score in [ScoreField::Overall, ScoreField::FineGrained] {
+                if let Ok(report) = parse_jsonl_bytes(text.as_bytes(), "fuzz", format, score, true) {
+                    for record in report.records {
+                        prop_assert!(record.responses.iter().all(|r| r.score.is_finite()));
+                    }
+                }
+            }
+        }
+    }
+}
