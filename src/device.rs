@@ -71,3 +71,51 @@ pub fn cuda_if_available() -> Device {
         Device::Cpu
     }
 }
+
+/// What the accelerator's caching allocator holds, in bytes (`torch.cuda.memory_stats`'s
+/// `allocated_bytes.all.*` and `reserved_bytes.all.*`, plus the device's free and total
+/// memory as the driver reports them).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MemoryStats {
+    /// Bytes in live tensors now.
+    pub allocated: u64,
+    /// Most bytes in live tensors since the start or the last [`reset_peak_memory`].
+    pub peak_allocated: u64,
+    /// Bytes the allocator holds from the driver now (allocated plus cached).
+    pub reserved: u64,
+    /// Most bytes held since the start or the last reset.
+    pub peak_reserved: u64,
+    /// Free device memory (the driver's count; other processes' use included).
+    pub free: u64,
+    /// The device's memory.
+    pub total: u64,
+}
+
+/// The CUDA caching allocator's statistics for `device` (tch has no binding for them;
+/// `csrc/refa_ops.cpp` reads them through libtorch's accelerator API). `None` for the CPU
+/// or when no accelerator is present.
+pub fn memory_stats(device: Device) -> crate::Result<Option<MemoryStats>> {
+    let Device::Cuda(index) = device else {
+        return Ok(None);
+    };
+    if !cuda_is_available() {
+        return Ok(None);
+    }
+    let bytes = |v: i64| v.max(0) as u64;
+    Ok(crate::ffi::memory_stats(index)?.map(|s| MemoryStats {
+        allocated: bytes(s[0]),
+        peak_allocated: bytes(s[1]),
+        reserved: bytes(s[2]),
+        peak_reserved: bytes(s[3]),
+        free: bytes(s[4]),
+        total: bytes(s[5]),
+    }))
+}
+
+/// Starts the peak counts of [`memory_stats`] anew (a no-op for the CPU).
+pub fn reset_peak_memory(device: Device) -> crate::Result<()> {
+    match device {
+        Device::Cuda(index) if cuda_is_available() => crate::ffi::reset_peak_memory(index),
+        _ => Ok(()),
+    }
+}

@@ -77,6 +77,15 @@ mod batch;
 pub mod data;
 pub mod device;
 mod error;
+mod ffi;
+
+// `doc-only` turns libtorch off in torch-sys: a binary built with it cannot link. Say so plainly
+// instead of with hundreds of undefined symbols (`--all-features` switches it on too).
+#[cfg(all(feature = "doc-only", not(doc)))]
+compile_error!(
+    "feature `doc-only` is for documentation builds (docs.rs) only; build and test with \
+     `--features trainer` (or `mistral`) instead of `--all-features`"
+);
 pub mod loss;
 #[cfg(feature = "mistral")]
 pub mod mistral;

@@ -254,7 +254,10 @@ impl Trainer {
             accumulator.add(&output.metrics.summary()?, batch.mean_response_length);
             tokens += batch.tokens;
         }
-        let grad_norm = self.optimizer.clip_grad_norm(self.config.max_grad_norm);
+        let grad_norm = self
+            .optimizer
+            .clip_grad_norm(self.config.max_grad_norm)?
+            .double_value(&[]);
         if !grad_norm.is_finite() {
             self.optimizer.zero_grad();
             return Err(RefaError::NonFiniteLoss {
@@ -263,7 +266,7 @@ impl Trainer {
             });
         }
         let lr = self.config.schedule.lr(step);
-        self.optimizer.step(lr);
+        self.optimizer.step(lr)?;
         self.step = step;
         let metrics = StepMetrics {
             grad_norm,

@@ -1,0 +1,184 @@
+// The few libtorch operations tch 0.24 does not bind, behind a small C surface.
+//
+// Every function returns NULL on success or an error message allocated with malloc (free it
+// with refa_free_error); no C++ exception crosses this boundary. Tensors are passed as
+// `at::Tensor*`, the representation tch's C_tensor pointers have. The declarations and their
+// contracts are repeated in src/ffi.rs, the only caller.
+
+#include <ATen/ATen.h>
+#include <ATen/DeviceAccelerator.h>
+
+#include <cstdlib>
+#include <cstring>
+#include <exception>
+#include <map>
+#include <vector>
+
+namespace {
+
+char* copy_message(const char* message) {
+  size_t length = std::strlen(message);
+  char* copy = static_cast<char*>(std::malloc(length + 1));
+  if (copy != nullptr) {
+    std::memcpy(copy, message, length + 1);
+  }
+  return copy;
+}
+
+template <typename F>
+char* guarded(F&& body) {
+  try {
+    body();
+    return nullptr;
+  } catch (const std::exception& e) {
+    return copy_message(e.what());
+  } catch (...) {
+    return copy_message("unknown C++ exception in refa_ops");
+  }
+}
+
+std::vector<at::Tensor> gather(at::Tensor** tensors, size_t count) {
+  std::vector<at::Tensor> out;
+  out.reserve(count);
+  for (size_t i = 0; i < count; ++i) {
+    out.push_back(*tensors[i]);
+  }
+  return out;
+}
+
+}  // namespace
+
+extern "C" {
+
+void refa_free_error(char* message) { std::free(message); }
+
+// One AdamW step over `count` parameters with libtorch's fused multi-tensor kernel
+// (at::_fused_adamw_, CPU and CUDA).
+//
+// targets[i]: the f32/f64 tensor that receives the update (a parameter, or the master copy
+//   of a low-precision parameter); grads[i]: its gradient in any floating kind (cast to the
+//   target's kind when it differs); exp_avgs[i], exp_avg_sqs[i]: the moments, of the target's
+//   kind; mirrors[i]: NULL, or the low-precision parameter that gets the updated master
+//   rounded into it; steps[i]: a 0-dim float tensor on the target's device holding the step
+//   number, already incremented by the caller (parameters may share one). Afterwards every
+//   gradient is set to zero.
+char* refa_adamw_step(at::Tensor** targets, at::Tensor** grads, at::Tensor** exp_avgs,
+                      at::Tensor** exp_avg_sqs, at::Tensor** mirrors, at::Tensor** steps,
+                      size_t count, double lr, double beta1, double beta2, double weight_decay,
+                      double eps) {
+  return guarded([&] {
+    // The fused kernel wants one device and one kind per call: group the parameters.
+    struct Group {
+      std::vector<at::Tensor> targets, grads, exp_avgs, exp_avg_sqs, steps;
+    };
+    std::map<std::pair<int, int>, Group> groups;
+    std::vector<at::Tensor> all_grads, mirror_targets, mirror_params;
+    for (size_t i = 0; i < count; ++i) {
+      const at::Tensor& target = *targets[i];
+      const at::Tensor& grad = *grads[i];
+      all_grads.push_back(grad);
+      auto key = std::make_pair(static_cast<int>(target.device().type()) * 1024 +
+                                    target.device().index(),
+                                static_cast<int>(target.scalar_type()));
+      Group& group = groups[key];
+      group.targets.push_back(target);
+      group.grads.push_back(grad.scalar_type() == target.scalar_type()
+                                ? grad
+                                : grad.to(target.scalar_type()));
+      group.exp_avgs.push_back(*exp_avgs[i]);
+      group.exp_avg_sqs.push_back(*exp_avg_sqs[i]);
+      group.steps.push_back(*steps[i]);
+      if (mirrors[i] != nullptr) {
+        mirror_params.push_back(*mirrors[i]);
+        mirror_targets.push_back(target);
+      }
+    }
+    for (auto& entry : groups) {
+      Group& g = entry.second;
+      at::_fused_adamw_(g.targets, g.grads, g.exp_avgs, g.exp_avg_sqs, at::TensorList(), g.steps, lr, beta1,
+                        beta2, weight_decay, eps, /*amsgrad=*/false, /*maximize=*/false,
+                        /*grad_scale=*/std::nullopt, /*found_inf=*/std::nullopt);
+    }
+    if (!mirror_params.empty()) {
+      at::_foreach_copy_(mirror_params, mirror_targets, /*non_blocking=*/false);
+    }
+    if (!all_grads.empty()) {
+      at::_foreach_zero_(all_grads);
+    }
+  });
+}
+
+// The global L2 norm of `count` gradients, computed on their device in f32 with the
+// multi-tensor kernels (at::_foreach_norm), and, when max_norm > 0, the gradients scaled in
+// place by min(1, max_norm / (norm + 1e-6)) (at::_foreach_mul_). No host synchronization.
+// *norm_out receives a new 0-dim f32 tensor (owned by the caller, freed as tch frees its
+// tensors); with no gradient it holds 0.
+char* refa_clip_grad_norm(at::Tensor** grads, size_t count, double max_norm,
+                          at::Tensor** norm_out) {
+  return guarded([&] {
+    std::vector<at::Tensor> list = gather(grads, count);
+    if (list.empty()) {
+      *norm_out = new at::Tensor(at::zeros({}, at::kFloat));
+      return;
+    }
+    // Gradients may sit on several devices (model parallelism): one norm per device group
+    // would be needed then; the trainer keeps one device, which this checks.
+    const at::Device device = list.front().device();
+    for (const at::Tensor& g : list) {
+      TORCH_CHECK(g.device() == device, "refa_clip_grad_norm: gradients on ", device, " and ",
+                  g.device());
+    }
+    std::vector<at::Tensor> norms = at::_foreach_norm(list, 2, at::kFloat);
+    at::Tensor total = at::linalg_vector_norm(at::stack(norms), 2);
+    if (max_norm > 0.0) {
+      at::Tensor scale = (max_norm / (total + 1e-6)).clamp_max(1.0);
+      // Each gradient keeps its kind: one multiplication per kind, by the scale in that kind.
+      std::map<int, std::vector<at::Tensor>> by_kind;
+      for (const at::Tensor& g : list) {
+        by_kind[static_cast<int>(g.scalar_type())].push_back(g);
+      }
+      for (auto& entry : by_kind) {
+        at::_foreach_mul_(entry.second, scale.to(entry.second.front().scalar_type()));
+      }
+    }
+    *norm_out = new at::Tensor(total);
+  });
+}
+
+// The caching allocator's statistics of accelerator device `index`, in bytes:
+// out[0] allocated now, out[1] peak allocated, out[2] reserved now, out[3] peak reserved,
+// out[4] free device memory, out[5] total device memory. *available is set to 0 (and out
+// left alone) when no accelerator is present.
+char* refa_memory_stats(int index, int64_t* out, int* available) {
+  return guarded([&] {
+    *available = 0;
+    auto accelerator = at::accelerator::getAccelerator(false);
+    if (!accelerator.has_value() || at::accelerator::deviceCount() == 0) {
+      return;
+    }
+    const auto device = static_cast<c10::DeviceIndex>(index);
+    const auto stats = at::accelerator::getDeviceStats(device);
+    const size_t aggregate = 0;  // StatType::AGGREGATE
+    out[0] = stats.allocated_bytes[aggregate].current;
+    out[1] = stats.allocated_bytes[aggregate].peak;
+    out[2] = stats.reserved_bytes[aggregate].current;
+    out[3] = stats.reserved_bytes[aggregate].peak;
+    const auto memory = at::accelerator::getMemoryInfo(device);
+    out[4] = static_cast<int64_t>(memory.first);
+    out[5] = static_cast<int64_t>(memory.second);
+    *available = 1;
+  });
+}
+
+// Resets the peak statistics of accelerator device `index` (a no-op without one).
+char* refa_reset_peak_memory(int index) {
+  return guarded([&] {
+    auto accelerator = at::accelerator::getAccelerator(false);
+    if (!accelerator.has_value() || at::accelerator::deviceCount() == 0) {
+      return;
+    }
+    at::accelerator::resetPeakStats(static_cast<c10::DeviceIndex>(index));
+  });
+}
+
+}  // extern "C"

@@ -1,0 +1,169 @@
+//! The C surface of `csrc/refa_ops.cpp`: libtorch operations tch 0.24 does not bind.
+//!
+//! Each C function returns NULL on success or a `malloc`ed message that [`check`] turns into
+//! [`RefaError::Torch`] (every C++ exception is caught on the C++ side). Tensors cross as
+//! tch's `C_tensor` pointers, which are `at::Tensor*`. Nothing here is public: the crate's
+//! safe wrappers are [`adamw_step`], [`clip_grad_norm`] and [`memory_stats`].
+
+#![cfg_attr(feature = "doc-only", allow(unused_imports, dead_code))]
+
+use std::ffi::{c_char, c_int, CStr};
+
+use tch::Tensor;
+use torch_sys::C_tensor;
+
+use crate::error::{RefaError, Result};
+
+#[cfg(not(feature = "doc-only"))]
+extern "C" {
+    fn refa_free_error(message: *mut c_char);
+    #[allow(clippy::too_many_arguments)]
+    fn refa_adamw_step(
+        targets: *const *mut C_tensor,
+        grads: *const *mut C_tensor,
+        exp_avgs: *const *mut C_tensor,
+        exp_avg_sqs: *const *mut C_tensor,
+        mirrors: *const *mut C_tensor,
+        steps: *const *mut C_tensor,
+        count: usize,
+        lr: f64,
+        beta1: f64,
+        beta2: f64,
+        weight_decay: f64,
+        eps: f64,
+    ) -> *mut c_char;
+    fn refa_clip_grad_norm(
+        grads: *const *mut C_tensor,
+        count: usize,
+        max_norm: f64,
+        norm_out: *mut *mut C_tensor,
+    ) -> *mut c_char;
+    fn refa_memory_stats(index: c_int, out: *mut i64, available: *mut c_int) -> *mut c_char;
+    fn refa_reset_peak_memory(index: c_int) -> *mut c_char;
+}
+
+/// Turns a returned message into an error, freeing it.
+#[cfg(not(feature = "doc-only"))]
+fn check(message: *mut c_char) -> Result<()> {
+    if message.is_null() {
+        return Ok(());
+    }
+    // SAFETY: a non-null return is a NUL-terminated string from malloc, owned by us now.
+    let text = unsafe { CStr::from_ptr(message) }
+        .to_string_lossy()
+        .into_owned();
+    unsafe { refa_free_error(message) };
+    Err(RefaError::Torch(text))
+}
+
+fn pointer(t: &Tensor) -> *mut C_tensor {
+    t.as_ptr() as *mut C_tensor
+}
+
+/// One tensor of [`adamw_step`]: the f32/f64 tensor updated, its gradient, its moments, the
+/// low-precision parameter a master copy is rounded into, and the step counter (a 0-dim
+/// float tensor on the target's device, already incremented).
+pub(crate) struct AdamWSlot<'a> {
+    pub target: &'a Tensor,
+    pub grad: &'a Tensor,
+    pub exp_avg: &'a Tensor,
+    pub exp_avg_sq: &'a Tensor,
+    pub mirror: Option<&'a Tensor>,
+    pub step: &'a Tensor,
+}
+
+/// AdamW's hyperparameters for one step.
+pub(crate) struct AdamWHyper {
+    pub lr: f64,
+    pub beta1: f64,
+    pub beta2: f64,
+    pub weight_decay: f64,
+    pub eps: f64,
+}
+
+/// One fused AdamW step (`at::_fused_adamw_`) over `slots`, then every gradient zeroed.
+#[cfg(not(feature = "doc-only"))]
+pub(crate) fn adamw_step(slots: &[AdamWSlot<'_>], hyper: &AdamWHyper) -> Result<()> {
+    let column = |f: &dyn Fn(&AdamWSlot<'_>) -> *mut C_tensor| -> Vec<*mut C_tensor> {
+        slots.iter().map(f).collect()
+    };
+    let targets = column(&|s| pointer(s.target));
+    let grads = column(&|s| pointer(s.grad));
+    let exp_avgs = column(&|s| pointer(s.exp_avg));
+    let exp_avg_sqs = column(&|s| pointer(s.exp_avg_sq));
+    let mirrors = column(&|s| s.mirror.map_or(std::ptr::null_mut(), pointer));
+    let steps = column(&|s| pointer(s.step));
+    // SAFETY: every pointer is a live tch tensor borrowed for the call; the arrays hold
+    // `slots.len()` entries each.
+    check(unsafe {
+        refa_adamw_step(
+            targets.as_ptr(),
+            grads.as_ptr(),
+            exp_avgs.as_ptr(),
+            exp_avg_sqs.as_ptr(),
+            mirrors.as_ptr(),
+            steps.as_ptr(),
+            slots.len(),
+            hyper.lr,
+            hyper.beta1,
+            hyper.beta2,
+            hyper.weight_decay,
+            hyper.eps,
+        )
+    })
+}
+
+/// The global L2 norm of `grads` as a 0-dim f32 tensor on their device (no host
+/// synchronization), scaling them in place to at most `max_norm` when it is > 0.
+#[cfg(not(feature = "doc-only"))]
+pub(crate) fn clip_grad_norm(grads: &[&Tensor], max_norm: f64) -> Result<Tensor> {
+    let pointers: Vec<*mut C_tensor> = grads.iter().map(|g| pointer(g)).collect();
+    let mut norm: *mut C_tensor = std::ptr::null_mut();
+    // SAFETY: live tensors for the call; on success `norm` is a new `at::Tensor*` that the
+    // returned tch Tensor owns (tch frees it with `delete`, as it was allocated with `new`).
+    check(unsafe { refa_clip_grad_norm(pointers.as_ptr(), pointers.len(), max_norm, &mut norm) })?;
+    Ok(unsafe { Tensor::from_ptr(norm) })
+}
+
+/// `[allocated, peak allocated, reserved, peak reserved, free, total]` bytes of accelerator
+/// `index`, or `None` without an accelerator.
+#[cfg(not(feature = "doc-only"))]
+pub(crate) fn memory_stats(index: usize) -> Result<Option<[i64; 6]>> {
+    let mut out = [0i64; 6];
+    let mut available: c_int = 0;
+    // SAFETY: `out` has the six slots the function writes.
+    check(unsafe { refa_memory_stats(index as c_int, out.as_mut_ptr(), &mut available) })?;
+    Ok((available != 0).then_some(out))
+}
+
+/// Resets the peak statistics of accelerator `index`.
+#[cfg(not(feature = "doc-only"))]
+pub(crate) fn reset_peak_memory(index: usize) -> Result<()> {
+    // SAFETY: plain value argument.
+    check(unsafe { refa_reset_peak_memory(index as c_int) })
+}
+
+// Documentation builds link nothing: the same functions, answering with an error.
+#[cfg(feature = "doc-only")]
+mod unlinked {
+    use super::*;
+    fn unavailable<T>() -> Result<T> {
+        Err(RefaError::Torch(
+            "built with `doc-only`: no libtorch".into(),
+        ))
+    }
+    pub(crate) fn adamw_step(_: &[AdamWSlot<'_>], _: &AdamWHyper) -> Result<()> {
+        unavailable()
+    }
+    pub(crate) fn clip_grad_norm(_: &[&Tensor], _: f64) -> Result<Tensor> {
+        unavailable()
+    }
+    pub(crate) fn memory_stats(_: usize) -> Result<Option<[i64; 6]>> {
+        unavailable()
+    }
+    pub(crate) fn reset_peak_memory(_: usize) -> Result<()> {
+        unavailable()
+    }
+}
+#[cfg(feature = "doc-only")]
+pub(crate) use unlinked::*;
