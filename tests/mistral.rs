@@ -6,8 +6,8 @@
 use std::path::{Path, PathBuf};
 
 use refa_loss::mistral::{
-    ChatTemplate, ChatTokenizer, CheckpointReader, LoraConfig, LoraTarget, Mistral, MistralConfig,
-    SaveOptions,
+    ChatTemplate, ChatTokenizer, CheckpointReader, ForwardOptions, LoraConfig, LoraTarget, Mistral,
+    MistralConfig, Padding, SaveOptions,
 };
 use refa_loss::RefaError;
 use tch::{Device, Kind, Tensor};
@@ -284,9 +284,12 @@ fn gradients(model: &Mistral, recompute: bool, train: bool) -> Vec<(String, Tens
             let _ = g.zero_();
         }
     }
-    let pass = model
-        .forward_pass(&ids, &mask, train, recompute)
-        .expect("forward");
+    let options = ForwardOptions {
+        train,
+        recompute,
+        padding: Padding::Any,
+    };
+    let pass = model.forward_pass(&ids, &mask, &options).expect("forward");
     tch::manual_seed(99);
     let probe = pass.hidden.randn_like();
     (&pass.hidden * probe).sum(Kind::Double).backward();
@@ -533,5 +536,80 @@ fn cached_generation_equals_full_recomputation() {
             ..options
         };
         assert_eq!(model.generate(&prompt, &nucleus).expect("nucleus"), cached);
+    }
+}
+
+/// Right-padded batches: causal attention without a mask (and with shared grouped-query
+/// heads) equals the explicitly masked path at every token position, in values and in the
+/// gradients of every weight, with and without a sliding window shorter than the batch.
+#[test]
+fn right_padded_attention_without_a_mask_equals_the_masked_path() {
+    let _rng = torch_rng();
+    let base = MistralConfig::from_file(fixture("mistral/sliding/config.json")).expect("config");
+    for window in [None, Some(3)] {
+        let config = MistralConfig {
+            sliding_window: window,
+            ..base.clone()
+        };
+        let model = Mistral::new(config, Device::Cpu, Kind::Float, None).expect("model");
+        model.init_random(17);
+        let lengths = [9i64, 4, 7, 1];
+        let width = 9;
+        let mut ids = vec![0i64; lengths.len() * width as usize];
+        let mut mask = vec![0i64; ids.len()];
+        for (row, &length) in lengths.iter().enumerate() {
+            for t in 0..length as usize {
+                ids[row * width as usize + t] = 3 + ((row * 7 + t * 5) % 20) as i64;
+                mask[row * width as usize + t] = 1;
+            }
+        }
+        let ids = Tensor::from_slice(&ids).view([lengths.len() as i64, width]);
+        let mask = Tensor::from_slice(&mask).view([lengths.len() as i64, width]);
+        tch::manual_seed(4);
+        let probe = Tensor::randn(
+            [lengths.len() as i64, width, model.config().hidden_size],
+            (Kind::Float, Device::Cpu),
+        ) * mask.unsqueeze(-1).to_kind(Kind::Float);
+        let run = |padding: Padding| {
+            for t in model.var_store().trainable_variables() {
+                let mut g = t.grad();
+                if g.defined() {
+                    let _ = g.zero_();
+                }
+            }
+            let options = ForwardOptions {
+                train: true,
+                recompute: false,
+                padding,
+            };
+            let pass = model.forward_pass(&ids, &mask, &options).expect("forward");
+            (&pass.hidden * &probe).sum(Kind::Float).backward();
+            let hidden = pass.hidden.detach() * mask.unsqueeze(-1).to_kind(Kind::Float);
+            let mut grads: Vec<(String, Tensor)> = model
+                .var_store()
+                .variables()
+                .into_iter()
+                .filter(|(_, t)| t.grad().defined()) // the LM head takes no part
+                .map(|(n, t)| (n, t.grad().copy()))
+                .collect();
+            grads.sort_by(|a, b| a.0.cmp(&b.0));
+            (hidden, grads)
+        };
+        let (masked, masked_grads) = run(Padding::Any);
+        let (fast, fast_grads) = run(Padding::Right);
+        assert!(masked_grads.len() > 10 && masked_grads.len() == fast_grads.len());
+        let worst = (&masked - &fast).abs().max().double_value(&[]);
+        assert!(
+            worst < 1e-6,
+            "window {window:?}: hidden states differ by {worst:e}"
+        );
+        for ((name, a), (_, b)) in masked_grads.iter().zip(&fast_grads) {
+            let scale = a.abs().max().double_value(&[]).max(1.0);
+            let worst = (a - b).abs().max().double_value(&[]) / scale;
+            assert!(
+                worst < 1e-6,
+                "window {window:?}, {name}: gradients differ by {worst:e}"
+            );
+        }
     }
 }

@@ -31,7 +31,7 @@ pub use checkpoint::{
 pub use config::{MistralConfig, RopeParameters};
 pub use generate::GenerationOptions;
 pub use lora::{LoraConfig, LoraTarget};
-pub use model::Mistral;
+pub use model::{ForwardOptions, Mistral, Padding};
 pub use recompute::ForwardPass;
 pub(crate) use tokenizer::check_token_limits;
 pub use tokenizer::{ChatTemplate, ChatTokenizer, Encoded};

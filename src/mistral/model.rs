@@ -198,23 +198,39 @@ impl Mistral {
         self.kind
     }
 
-    /// Hidden states `[N, T, H]` after the final norm, for right-padded `input_ids` `[N, T]`
-    /// (i64) and `attention_mask` `[N, T]` (1 or true for tokens). `train` enables LoRA
+    /// Hidden states `[N, T, H]` after the final norm, for `input_ids` `[N, T]` (i64) and
+    /// `attention_mask` `[N, T]` (1 or true for tokens), padded in any layout (an explicit
+    /// attention mask is built when there is padding; see [`Padding`]). `train` enables LoRA
     /// dropout, whose masks come from libtorch's global generator, reseeded per layer (see
-    /// [`forward_pass`](Self::forward_pass)).
+    /// [`forward_pass`](Self::forward_pass), which also takes the faster right-padded path).
     pub fn forward(
         &self,
         input_ids: &Tensor,
         attention_mask: &Tensor,
         train: bool,
     ) -> Result<Tensor> {
-        let (x, context) = self.embed(input_ids, attention_mask)?;
+        let options = ForwardOptions {
+            train,
+            ..ForwardOptions::default()
+        };
+        Ok(self
+            .forward_pass(input_ids, attention_mask, &options)?
+            .hidden)
+    }
+
+    /// The decoder layers in the autograd graph, then the final norm.
+    pub(crate) fn forward_layers(
+        &self,
+        x: Tensor,
+        context: &AttentionContext,
+        train: bool,
+    ) -> Tensor {
         let seeds = layer_seeds(self.layers.len(), train);
         let x = self.layers.iter().zip(seeds).fold(x, |x, (layer, seed)| {
             seed_dropout(seed);
-            layer.forward(&x, &context, train)
+            layer.forward(&x, context, train)
         });
-        Ok(rms_norm(&x, &self.norm, self.config.rms_norm_eps))
+        rms_norm(&x, &self.norm, self.config.rms_norm_eps)
     }
 
     /// Logits `[N, T, V]` from hidden states (materializes `N·T·V` values: prefer the
@@ -228,6 +244,7 @@ impl Mistral {
         &self,
         input_ids: &Tensor,
         attention_mask: &Tensor,
+        padding: Padding,
     ) -> Result<(Tensor, AttentionContext)> {
         let shape = input_ids.size();
         if shape.len() != 2 || input_ids.kind() != Kind::Int64 || shape.contains(&0) {
@@ -248,7 +265,8 @@ impl Mistral {
         }
         let (cos, sin) = self.rotary.cos_sin(shape[1], self.kind);
         let valid = attention_mask.to_device(self.embed.device()).ne(0);
-        let mask = layers::attention_mask(&valid, self.config.sliding_window);
+        let right_padded = padding == Padding::Right;
+        let mask = layers::attention_mask(&valid, self.config.sliding_window, right_padded);
         // Without a mask, the whole sequence attends causally.
         let causal = mask.is_none();
         let context = AttentionContext {
@@ -351,6 +369,46 @@ pub(crate) fn layer_seeds(layers: usize, train: bool) -> Vec<i64> {
 pub(crate) fn seed_dropout(seed: i64) {
     if seed >= 0 {
         tch::manual_seed(seed);
+    }
+}
+
+/// How the rows of a batch are padded, which decides whether attention needs a mask.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Padding {
+    /// Any layout (left, right, inside): an explicit `[N, 1, T, T]` mask is built, exact for
+    /// every position. Default.
+    #[default]
+    Any,
+    /// Each row's tokens come first and its padding after, as the trainer's
+    /// [`collate`](crate::data::collate) builds batches. Causal attention without a mask is
+    /// then exact at every token position (a token never attends a later key), so none is
+    /// built (only a `[1, 1, T, T]` one for a sliding window shorter than the batch) and
+    /// attention can take its flash kernel, with grouped-query heads shared in place
+    /// (`enable_gqa`). The promise is not checked (that would cost a host synchronization);
+    /// outputs at padding positions are undefined.
+    Right,
+}
+
+/// How [`Mistral::forward_pass`] runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct ForwardOptions {
+    /// LoRA dropout on (training). Default false.
+    pub train: bool,
+    /// Keep only each decoder layer's input and recompute the layer in the backward pass
+    /// ([`crate::mistral::ForwardPass::finish_backward`]). Default false.
+    pub recompute: bool,
+    /// The batch's padding layout. Default [`Padding::Any`].
+    pub padding: Padding,
+}
+
+impl ForwardOptions {
+    /// Inference on a right-padded batch (the trainer's evaluation and scoring): no dropout,
+    /// no recomputation, [`Padding::Right`].
+    pub fn right_padded() -> Self {
+        ForwardOptions {
+            padding: Padding::Right,
+            ..ForwardOptions::default()
+        }
     }
 }
 
@@ -481,25 +539,27 @@ impl DecoderLayer {
             (k, v) = (extend(&cache.keys, &k), extend(&cache.values, &v));
             (cache.keys, cache.values) = (Some(k.shallow_clone()), Some(v.shallow_clone()));
         }
+        // Without a mask the flash kernel shares each key/value head among its query heads
+        // in place; with one, the kernels that take masks need the heads repeated.
         let groups = heads / kv;
+        let share_heads = groups > 1 && context.mask.is_none();
         let repeat = |y: Tensor| {
-            if groups == 1 {
+            if groups == 1 || share_heads {
                 y
             } else {
                 y.repeat_interleave_self_int(groups, 1, None)
             }
         };
         let (k, v) = (repeat(k), repeat(v));
-        let causal = context.causal;
         let out = Tensor::scaled_dot_product_attention(
             &q,
             &k,
             &v,
             context.mask.as_ref(),
             0.0,
-            causal,
+            context.causal,
             None,
-            false,
+            share_heads,
         );
         self.o.forward(
             &out.transpose(1, 2).contiguous().view([n, t, heads * d]),

@@ -4,7 +4,7 @@
 use tch::{Kind, Tensor};
 
 use crate::error::Result;
-use crate::mistral::model::{layer_seeds, seed_dropout, AttentionContext};
+use crate::mistral::model::{layer_seeds, seed_dropout, AttentionContext, ForwardOptions};
 use crate::mistral::Mistral;
 
 /// The result of [`Mistral::forward_pass`]: the hidden states, and what the backward pass
@@ -35,25 +35,25 @@ struct Recompute {
 }
 
 impl Mistral {
-    /// A forward pass for training. With `recompute`, the decoder layers run without a graph
-    /// and only their inputs are kept (memory: one `[N, T, H]` tensor per layer instead of
-    /// every activation); [`ForwardPass::finish_backward`] recomputes each layer, last to
-    /// first, and back-propagates through it. Gradients equal those of the plain pass.
+    /// A forward pass (see [`ForwardOptions`]). With `recompute`, the decoder layers run
+    /// without a graph and only their inputs are kept (memory: one `[N, T, H]` tensor per
+    /// layer instead of every activation); [`ForwardPass::finish_backward`] recomputes each
+    /// layer, last to first, and back-propagates through it. Gradients equal those of the
+    /// plain pass.
     pub fn forward_pass(
         &self,
         input_ids: &Tensor,
         attention_mask: &Tensor,
-        train: bool,
-        recompute: bool,
+        options: &ForwardOptions,
     ) -> Result<ForwardPass> {
-        if !recompute {
-            let hidden = self.forward(input_ids, attention_mask, train)?;
+        let train = options.train;
+        let (embedded, context) = self.embed(input_ids, attention_mask, options.padding)?;
+        if !options.recompute {
             return Ok(ForwardPass {
-                hidden,
+                hidden: self.forward_layers(embedded, &context, train),
                 recompute: None,
             });
         }
-        let (embedded, context) = self.embed(input_ids, attention_mask)?;
         let seeds = layer_seeds(self.decoder_layers().len(), train);
         let mut inputs = Vec::with_capacity(seeds.len());
         let mut x = embedded.detach();

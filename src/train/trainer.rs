@@ -12,7 +12,8 @@ use crate::data::{collate, Collated, DataOrder, TokenizedExample};
 use crate::error::{RefaError, Result};
 use crate::loss::PreferenceLoss;
 use crate::mistral::{
-    remove_folder_atomically, safetensors_bytes, CheckpointReader, Mistral, SaveOptions,
+    remove_folder_atomically, safetensors_bytes, CheckpointReader, ForwardOptions, Mistral,
+    Padding, SaveOptions,
 };
 use crate::scoring::{preference_loss_backward, score_hidden, PreferenceTargets, ScoringConfig};
 use crate::train::fingerprint::Fingerprint;
@@ -230,12 +231,14 @@ impl Trainer {
             let indices = self.order.next_batch(self.config.prompts_per_batch);
             let batch = self.collate(&self.train, &indices);
             let reference = self.reference_tensor(&indices, false, &batch);
-            let pass = self.model.forward_pass(
-                &batch.input_ids,
-                &batch.attention_mask,
-                true,
-                self.config.recompute,
-            )?;
+            let options = ForwardOptions {
+                train: true,
+                recompute: self.config.recompute,
+                padding: Padding::Right,
+            };
+            let pass =
+                self.model
+                    .forward_pass(&batch.input_ids, &batch.attention_mask, &options)?;
             let targets = PreferenceTargets {
                 rewards: &batch.rewards,
                 slot_mask: Some(&batch.slot_mask),
@@ -288,7 +291,12 @@ impl Trainer {
             let summary = tch::no_grad(|| -> Result<_> {
                 let hidden = self
                     .model
-                    .forward(&batch.input_ids, &batch.attention_mask, false)?;
+                    .forward_pass(
+                        &batch.input_ids,
+                        &batch.attention_mask,
+                        &ForwardOptions::right_padded(),
+                    )?
+                    .hidden;
                 let scores = score_hidden(
                     &hidden,
                     self.model.lm_head_weight(),
@@ -547,7 +555,12 @@ impl Trainer {
             let sums = tch::no_grad(|| -> Result<Tensor> {
                 let hidden = self
                     .model
-                    .forward(&batch.input_ids, &batch.attention_mask, false)?;
+                    .forward_pass(
+                        &batch.input_ids,
+                        &batch.attention_mask,
+                        &ForwardOptions::right_padded(),
+                    )?
+                    .hidden;
                 Ok(score_hidden(
                     &hidden,
                     self.model.lm_head_weight(),

@@ -5,7 +5,7 @@ use tch::{Device, Kind};
 
 use crate::data::{collate, TokenizedExample};
 use crate::error::Result;
-use crate::mistral::Mistral;
+use crate::mistral::{ForwardOptions, Mistral};
 use crate::scoring::{score_hidden, ScoringConfig};
 
 /// Responses whose lengths fall in `[min_length, max_length]`, and their mean per-token NLL.
@@ -40,7 +40,10 @@ pub fn response_nll(
         }
         let batch = collate(&refs, model.config().eos_token_id, device);
         let scores = tch::no_grad(|| -> Result<_> {
-            let hidden = model.forward(&batch.input_ids, &batch.attention_mask, false)?;
+            let options = ForwardOptions::right_padded();
+            let hidden = model
+                .forward_pass(&batch.input_ids, &batch.attention_mask, &options)?
+                .hidden;
             score_hidden(&hidden, model.lm_head_weight(), &batch.labels, scoring)
         })?;
         let sums =
