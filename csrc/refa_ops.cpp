@@ -60,12 +60,15 @@ void refa_free_error(char* message) { std::free(message); }
 //   target's kind when it differs); exp_avgs[i], exp_avg_sqs[i]: the moments, of the target's
 //   kind; mirrors[i]: NULL, or the low-precision parameter that gets the updated master
 //   rounded into it; steps[i]: a 0-dim float tensor on the target's device holding the step
-//   number, already incremented by the caller (parameters may share one). Afterwards every
-//   gradient is set to zero.
+//   number, already incremented by the caller (parameters may share one). found_inf: NULL,
+//   or a 0-dim float tensor on the targets' device; where it holds a non-zero value the
+//   kernel leaves every target and moment unchanged: a step skipped on the device, without
+//   a host synchronization (as PyTorch's GradScaler skips steps). Afterwards every gradient
+//   is set to zero.
 char* refa_adamw_step(at::Tensor** targets, at::Tensor** grads, at::Tensor** exp_avgs,
                       at::Tensor** exp_avg_sqs, at::Tensor** mirrors, at::Tensor** steps,
                       size_t count, double lr, double beta1, double beta2, double weight_decay,
-                      double eps) {
+                      double eps, at::Tensor* found_inf) {
   return guarded([&] {
     // The fused kernel wants one device and one kind per call: group the parameters.
     struct Group {
@@ -93,12 +96,17 @@ char* refa_adamw_step(at::Tensor** targets, at::Tensor** grads, at::Tensor** exp
         mirror_targets.push_back(target);
       }
     }
+    std::optional<at::Tensor> skip;
+    if (found_inf != nullptr) {
+      skip = *found_inf;
+    }
     for (auto& entry : groups) {
       Group& g = entry.second;
       at::_fused_adamw_(g.targets, g.grads, g.exp_avgs, g.exp_avg_sqs, at::TensorList(), g.steps, lr, beta1,
                         beta2, weight_decay, eps, /*amsgrad=*/false, /*maximize=*/false,
-                        /*grad_scale=*/std::nullopt, /*found_inf=*/std::nullopt);
+                        /*grad_scale=*/std::nullopt, skip);
     }
+    // A skipped step leaves the masters as they were, so the copy is harmless then.
     if (!mirror_params.empty()) {
       at::_foreach_copy_(mirror_params, mirror_targets, /*non_blocking=*/false);
     }

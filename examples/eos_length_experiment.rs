@@ -26,7 +26,7 @@ use rand_chacha::ChaCha8Rng;
 use refa_loss::data::{split_eval, TokenizedExample};
 use refa_loss::mistral::{ChatTemplate, ChatTokenizer, GenerationOptions, Mistral, MistralConfig};
 use refa_loss::scoring::ScoringConfig;
-use refa_loss::train::{CosineSchedule, TrainConfig, Trainer};
+use refa_loss::train::{CosineSchedule, Recompute, TrainConfig, Trainer};
 use refa_loss::{
     EosMode, EosRegularizer, LossMetrics, LossOutput, PreferenceBatch, PreferenceLoss, RefaDynamic,
     Result as RefaResult, TargetLength,
@@ -301,7 +301,7 @@ fn train_config(dir: &Path, seed: u64, steps: i64, lr: f64, prompts: usize) -> T
         keep_checkpoints: 1,
         output_dir: dir.to_path_buf(),
         seed,
-        recompute: false,
+        recompute: Recompute::None,
         scoring: ScoringConfig::new(2),
     }
 }

@@ -28,7 +28,7 @@ use refa_loss::mistral::{
 };
 use refa_loss::scoring::ScoringConfig;
 use refa_loss::train::{
-    latest_checkpoint, plot_history, CosineSchedule, StepMetrics, TrainConfig, Trainer,
+    latest_checkpoint, plot_history, CosineSchedule, Recompute, StepMetrics, TrainConfig, Trainer,
 };
 use refa_loss::{
     device, DeviationMode, Dpo, EosMode, EosRegularizer, InfoNca, InfoNcaVariant, Mpo,
@@ -160,9 +160,11 @@ struct Args {
     /// Weight precision (default: bf16 on a GPU, f32 on the CPU).
     #[arg(long, value_enum)]
     dtype: Option<DType>,
-    /// Keep every activation instead of recomputing each layer in the backward pass.
-    #[arg(long)]
-    no_recompute: bool,
+    /// Recompute each decoder layer in the backward pass instead of keeping its activations:
+    /// `auto` does when the largest micro-batch's activations would not fit in half of the
+    /// device's free memory.
+    #[arg(long, value_enum, default_value_t = Recompute::Auto)]
+    recompute: Recompute,
     /// Response positions whose logits are materialized at once.
     #[arg(long, default_value_t = 1024)]
     chunk_size: i64,
@@ -290,7 +292,7 @@ fn run(args: Args) -> Result<(), String> {
         keep_checkpoints: args.keep_checkpoints,
         output_dir: args.output_dir.clone(),
         seed: args.seed,
-        recompute: !args.no_recompute,
+        recompute: args.recompute,
         scoring: ScoringConfig {
             chunk_size: args.chunk_size,
             ..ScoringConfig::new(model.config().eos_token_id)

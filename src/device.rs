@@ -12,7 +12,7 @@ use std::ffi::{CStr, CString};
 use std::path::Path;
 use std::sync::OnceLock;
 
-use tch::{Cuda, Device};
+use tch::{Cuda, Device, Tensor};
 
 /// Loads `libtorch_cuda.so` once (a no-op with a CPU-only libtorch, where it is absent).
 /// Returns whether the library is loaded.
@@ -118,4 +118,15 @@ pub fn reset_peak_memory(device: Device) -> crate::Result<()> {
         Device::Cuda(index) if cuda_is_available() => crate::ffi::reset_peak_memory(index),
         _ => Ok(()),
     }
+}
+
+/// Copies a host tensor to `device` without making the host wait: for CUDA the tensor is
+/// first put in page-locked memory, so the copy is asynchronous (a copy from pageable memory
+/// would stage through a driver buffer and block). A no-op for the CPU.
+pub(crate) fn upload(host: &Tensor, device: Device) -> Tensor {
+    if device == Device::Cpu || host.device() == device {
+        return host.shallow_clone();
+    }
+    host.pin_memory(device)
+        .to_device_(device, host.kind(), true, false)
 }

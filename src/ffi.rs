@@ -31,6 +31,7 @@ extern "C" {
         beta2: f64,
         weight_decay: f64,
         eps: f64,
+        found_inf: *mut C_tensor,
     ) -> *mut c_char;
     fn refa_clip_grad_norm(
         grads: *const *mut C_tensor,
@@ -81,9 +82,14 @@ pub(crate) struct AdamWHyper {
     pub eps: f64,
 }
 
-/// One fused AdamW step (`at::_fused_adamw_`) over `slots`, then every gradient zeroed.
+/// One fused AdamW step (`at::_fused_adamw_`) over `slots`, then every gradient zeroed. A
+/// non-zero `found_inf` (0-dim float on the device) makes the kernel skip the update.
 #[cfg(not(feature = "doc-only"))]
-pub(crate) fn adamw_step(slots: &[AdamWSlot<'_>], hyper: &AdamWHyper) -> Result<()> {
+pub(crate) fn adamw_step(
+    slots: &[AdamWSlot<'_>],
+    hyper: &AdamWHyper,
+    found_inf: Option<&Tensor>,
+) -> Result<()> {
     let column = |f: &dyn Fn(&AdamWSlot<'_>) -> *mut C_tensor| -> Vec<*mut C_tensor> {
         slots.iter().map(f).collect()
     };
@@ -93,6 +99,7 @@ pub(crate) fn adamw_step(slots: &[AdamWSlot<'_>], hyper: &AdamWHyper) -> Result<
     let exp_avg_sqs = column(&|s| pointer(s.exp_avg_sq));
     let mirrors = column(&|s| s.mirror.map_or(std::ptr::null_mut(), pointer));
     let steps = column(&|s| pointer(s.step));
+    let found_inf = found_inf.map_or(std::ptr::null_mut(), pointer);
     // SAFETY: every pointer is a live tch tensor borrowed for the call; the arrays hold
     // `slots.len()` entries each.
     check(unsafe {
@@ -109,6 +116,7 @@ pub(crate) fn adamw_step(slots: &[AdamWSlot<'_>], hyper: &AdamWHyper) -> Result<
             hyper.beta2,
             hyper.weight_decay,
             hyper.eps,
+            found_inf,
         )
     })
 }
@@ -152,7 +160,11 @@ mod unlinked {
             "built with `doc-only`: no libtorch".into(),
         ))
     }
-    pub(crate) fn adamw_step(_: &[AdamWSlot<'_>], _: &AdamWHyper) -> Result<()> {
+    pub(crate) fn adamw_step(
+        _: &[AdamWSlot<'_>],
+        _: &AdamWHyper,
+        _: Option<&Tensor>,
+    ) -> Result<()> {
         unavailable()
     }
     pub(crate) fn clip_grad_norm(_: &[&Tensor], _: f64) -> Result<Tensor> {

@@ -30,7 +30,7 @@ fn example(name: &str) -> PathBuf {
     let path = profile.join("examples").join(name);
     assert!(
         path.exists(),
-        "{} is missing: `cargo test --all-features` builds the examples with the tests",
+        "{} is missing: `cargo test --features trainer` builds the examples with the tests",
         path.display()
     );
     path

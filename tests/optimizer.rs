@@ -264,3 +264,42 @@ fn memory_statistics_are_none_on_the_cpu() {
         eprintln!("CUDA part skipped: no CUDA device");
     }
 }
+
+/// A non-finite gradient norm makes the fused kernel skip the update on the device: weights
+/// and moments stay as they were, and after the rewind the next step is the one a run
+/// without the bad step would take.
+#[test]
+fn a_non_finite_norm_skips_the_step_on_the_device() {
+    tch::manual_seed(8);
+    let make = || {
+        let p = Tensor::randn([6, 3], (Kind::Float, Device::Cpu)).set_requires_grad(true);
+        let adamw = AdamW::new(vec![("p".into(), p.shallow_clone())]);
+        (p, adamw)
+    };
+    let (p, mut adamw) = make();
+    let (q, mut clean) = make();
+    tch::no_grad(|| q.shallow_clone().copy_(&p));
+    let g = Tensor::randn([6, 3], (Kind::Float, Device::Cpu));
+    p.set_grad(&g);
+    q.set_grad(&g);
+    adamw.step(1e-2).expect("step");
+    clean.step(1e-2).expect("step");
+    let before = values(&p);
+    p.set_grad(&g.full_like(f64::NAN));
+    let norm = adamw.clip_grad_norm(1.0).expect("clip");
+    adamw.step_if_finite(1e-2, &norm).expect("skipped step");
+    assert!(norm.double_value(&[]).is_nan());
+    assert_eq!(values(&p), before, "weights unchanged by a skipped step");
+    adamw.rewind_skipped_step();
+    assert_eq!(adamw.steps(), 1);
+    for (x, opt) in [(&p, &mut adamw), (&q, &mut clean)] {
+        x.set_grad(&g);
+        let norm = opt.clip_grad_norm(0.0).expect("norm");
+        opt.step_if_finite(1e-2, &norm).expect("step");
+    }
+    assert_eq!(
+        values(&p),
+        values(&q),
+        "the same second step as a clean run"
+    );
+}

@@ -10,7 +10,7 @@ use refa_loss::data::{
 };
 use refa_loss::mistral::{ChatTemplate, ChatTokenizer, Mistral, MistralConfig, SaveOptions};
 use refa_loss::scoring::ScoringConfig;
-use refa_loss::train::{CosineSchedule, TrainConfig, Trainer};
+use refa_loss::train::{CosineSchedule, Recompute, TrainConfig, Trainer};
 use refa_loss::{EosRegularizer, PreferenceLoss, RefaDynamic, RefaError};
 use tch::{Device, Kind, Tensor};
 
@@ -89,7 +89,7 @@ fn config(output_dir: &Path, max_steps: i64) -> TrainConfig {
         keep_checkpoints: 2,
         output_dir: output_dir.to_path_buf(),
         seed: 7,
-        recompute: true,
+        recompute: Recompute::All,
         scoring: ScoringConfig::new(2),
     }
 }

@@ -6,17 +6,20 @@ use rand_chacha::ChaCha8Rng;
 use tch::{Device, Tensor};
 
 use crate::data::examples::TokenizedExample;
+use crate::device::upload;
 use crate::error::{RefaError, Result};
 
 /// `P` prompts with `K` response slots (`K` = the most responses of any prompt in the batch),
 /// flattened to `N = P·K` right-padded sequences of `T` tokens.
 #[derive(Debug)]
 pub struct Collated {
-    /// `[N, T]` token ids (padding: `pad_id`).
+    /// `[N, T]` token ids (padding: `pad_id`), right-padded.
     pub input_ids: Tensor,
     /// `[N, T]` 1 for tokens, 0 for padding.
     pub attention_mask: Tensor,
-    /// `[N, T]` response token ids, −100 elsewhere (prompt, padding, empty slots).
+    /// `[N, T]` response token ids, −100 elsewhere (prompt, padding, empty slots), kept on
+    /// the CPU: the scorer builds its targets there (no device synchronization) and
+    /// uploads them once.
     pub labels: Tensor,
     /// `[P, K]` rewards (0 in empty slots).
     pub rewards: Tensor,
@@ -24,11 +27,14 @@ pub struct Collated {
     pub slot_mask: Tensor,
     /// Number of real (non-padding) tokens.
     pub tokens: i64,
+    /// Number of positions including padding, `N·T`.
+    pub padded_tokens: i64,
     /// Mean response length in tokens over the batch's responses.
     pub mean_response_length: f64,
 }
 
-/// Pads `examples` into one batch on `device`.
+/// Pads `examples` into one right-padded batch on `device`. Everything is built on the host;
+/// token ids and mask travel in one asynchronous copy, rewards and slot mask in another.
 pub fn collate(examples: &[&TokenizedExample], pad_id: i64, device: Device) -> Collated {
     let prompts = examples.len() as i64;
     let slots = examples
@@ -72,22 +78,20 @@ pub fn collate(examples: &[&TokenizedExample], pad_id: i64, device: Device) -> C
         .collect();
     let mean_response_length =
         responses.iter().sum::<usize>() as f64 / responses.len().max(1) as f64;
-    let grid = |v: &[i64]| {
-        Tensor::from_slice(v)
-            .view([sequences as i64, width as i64])
-            .to(device)
-    };
+    let (n, t) = (sequences as i64, width as i64);
+    let tokens_and_mask = Tensor::from_slice(&[ids, mask].concat()).view([2, n, t]);
+    let tokens_and_mask = upload(&tokens_and_mask, device);
+    let slot_flags: Vec<f32> = slot_mask.iter().map(|&v| f32::from(u8::from(v))).collect();
+    let per_slot = Tensor::from_slice(&[rewards, slot_flags].concat()).view([2, prompts, slots]);
+    let per_slot = upload(&per_slot, device);
     Collated {
-        input_ids: grid(&ids),
-        attention_mask: grid(&mask),
-        labels: grid(&labels),
-        rewards: Tensor::from_slice(&rewards)
-            .view([prompts, slots])
-            .to(device),
-        slot_mask: Tensor::from_slice(&slot_mask)
-            .view([prompts, slots])
-            .to(device),
+        input_ids: tokens_and_mask.get(0),
+        attention_mask: tokens_and_mask.get(1),
+        labels: Tensor::from_slice(&labels).view([n, t]),
+        rewards: per_slot.get(0),
+        slot_mask: per_slot.get(1).gt(0.5),
         tokens,
+        padded_tokens: n * t,
         mean_response_length,
     }
 }

@@ -18,6 +18,12 @@ pub struct PreferenceTargets<'a> {
     pub ref_logp_sum: Option<&'a Tensor>,
     /// Factor on the loss before back-propagation, e.g. `1 / accumulation_steps`. Default 1.
     pub loss_scale: f64,
+    /// Run the batch's value checks (see [`PreferenceBatch::with_value_checks`]); each costs
+    /// a host synchronization. A trainer that checks the gradient norm once per optimizer
+    /// step turns them off. Default true.
+    ///
+    /// [`PreferenceBatch::with_value_checks`]: crate::PreferenceBatch::with_value_checks
+    pub value_checks: bool,
 }
 
 impl<'a> PreferenceTargets<'a> {
@@ -28,6 +34,7 @@ impl<'a> PreferenceTargets<'a> {
             slot_mask: None,
             ref_logp_sum: None,
             loss_scale: 1.0,
+            value_checks: true,
         }
     }
 }
@@ -65,7 +72,9 @@ pub fn preference_loss_backward(
 ) -> Result<LossOutput> {
     let mut scorer = ChunkedScorer::new(hidden, lm_head_weight, labels, config)?;
     let scores = scorer.forward();
-    let mut batch = scores.to_batch(targets.rewards, targets.slot_mask)?;
+    let mut batch = scores
+        .to_batch(targets.rewards, targets.slot_mask)?
+        .with_value_checks(targets.value_checks);
     if let Some(reference) = targets.ref_logp_sum {
         batch = batch.with_reference(reference)?;
     }

@@ -2,6 +2,7 @@
 
 use tch::{Device, Kind, Tensor};
 
+use crate::device::upload;
 use crate::error::{RefaError, Result};
 use crate::reduce::amax_or_zero;
 use crate::scoring::ScoringConfig;
@@ -39,7 +40,10 @@ pub(crate) struct Targets {
 }
 
 impl Targets {
-    /// Validates `labels` (`[N, T]` i64 on `device`) against a vocabulary of `vocab` tokens.
+    /// Validates `labels` (`[N, T]` i64, on `device` or on the CPU) against a vocabulary of
+    /// `vocab` tokens. Labels on the CPU (as the trainer's collation keeps them) are turned
+    /// into targets there, where the selection of response positions and the vocabulary
+    /// check cost no device synchronization, and the targets are uploaded once.
     pub fn new(
         labels: &Tensor,
         vocab: i64,
@@ -57,8 +61,20 @@ impl Targets {
             });
         }
         validate::exact_kind("labels", labels, Kind::Int64)?;
-        validate::same_device("labels", labels, "hidden", device)?;
-        let (sequences, positions) = (shape[0], shape[1]);
+        if labels.device() != Device::Cpu {
+            validate::same_device("labels", labels, "hidden", device)?;
+        }
+        let targets = Self::build(labels, vocab, config)?;
+        Ok(if labels.device() == device {
+            targets
+        } else {
+            targets.uploaded(device)
+        })
+    }
+
+    fn build(labels: &Tensor, vocab: i64, config: &ScoringConfig) -> Result<Self> {
+        let device = labels.device();
+        let (sequences, positions) = (labels.size()[0], labels.size()[1]);
         let shifted = labels.narrow(1, 1, positions - 1);
         let valid = shifted.ne(config.ignore_index);
         check_vocabulary(&shifted, &valid, vocab)?;
@@ -94,6 +110,25 @@ impl Targets {
     /// Number of kept (response) positions `M`.
     pub fn kept(&self) -> i64 {
         self.sequence.size()[0]
+    }
+
+    /// The same targets on `device`, copied asynchronously from the host.
+    fn uploaded(self, device: Device) -> Self {
+        let up = |t: Tensor| upload(&t, device);
+        Targets {
+            sequences: self.sequences,
+            positions: self.positions,
+            valid: up(self.valid),
+            shifted: up(self.shifted),
+            last: up(self.last),
+            lengths: up(self.lengths),
+            eos_mask: up(self.eos_mask),
+            flat_position: up(self.flat_position),
+            sequence: up(self.sequence),
+            step: up(self.step),
+            token: up(self.token),
+            is_last: up(self.is_last),
+        }
     }
 }
 

@@ -32,8 +32,11 @@ pub struct StepMetrics {
     pub grad_norm: f64,
     /// Learning rate of the step.
     pub lr: f64,
-    /// Real tokens processed per second.
+    /// Real (non-padding) tokens of the whole optimizer step per second of it, the device's
+    /// work included (the step ends with a read of its results).
     pub tokens_per_s: f64,
+    /// The same with padding counted: `N·T` positions of every micro-batch per second.
+    pub tokens_per_s_padded: f64,
 }
 
 /// Running means of [`MetricsSummary`] values; a `None` value is left out of its mean.
@@ -116,6 +119,7 @@ impl StepMetrics {
                 ("grad_norm", self.grad_norm),
                 ("lr", self.lr),
                 ("tokens_per_s", self.tokens_per_s),
+                ("tokens_per_s_padded", self.tokens_per_s_padded),
             ] {
                 object.insert(name.into(), number(value));
             }

@@ -14,5 +14,8 @@ pub use metrics::{MetricsLog, StepMetrics};
 pub use optimizer::{AdamW, CosineSchedule};
 pub use plot::{plot_history, render_png, Panel, Series};
 pub use state::TrainerState;
-pub use trainer::{checkpoint_name, latest_checkpoint, RunSummary, TrainConfig, Trainer};
+pub use trainer::{
+    activation_bytes, checkpoint_name, latest_checkpoint, Recompute, RunSummary, TrainConfig,
+    Trainer,
+};
 pub use ursla::{length_buckets, response_nll, LengthBucket};

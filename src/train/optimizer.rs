@@ -118,13 +118,44 @@ impl AdamW {
     /// One update with learning rate `lr` (finite, >= 0), then clears the gradients.
     /// Parameters without a gradient are left alone.
     pub fn step(&mut self, lr: f64) -> Result<()> {
+        self.fused_step(lr, None)
+    }
+
+    /// [`step`](Self::step), unless `grad_norm` (the 0-dim tensor [`clip_grad_norm`]
+    /// returns) is not finite: then the kernel leaves weights and moments unchanged. The
+    /// decision is made on the device, so nothing waits for it; once the caller has read the
+    /// norm and found it non-finite, it calls [`rewind_skipped_step`] so that the step count
+    /// matches the weights again. Gradients are cleared either way.
+    ///
+    /// [`clip_grad_norm`]: Self::clip_grad_norm
+    /// [`rewind_skipped_step`]: Self::rewind_skipped_step
+    pub fn step_if_finite(&mut self, lr: f64, grad_norm: &Tensor) -> Result<()> {
+        self.fused_step(lr, Some(grad_norm))
+    }
+
+    /// Undoes the count of a step that [`step_if_finite`](Self::step_if_finite) skipped.
+    pub fn rewind_skipped_step(&mut self) {
+        self.step -= 1;
+    }
+
+    fn fused_step(&mut self, lr: f64, grad_norm: Option<&Tensor>) -> Result<()> {
         RefaError::require(lr.is_finite() && lr >= 0.0, "lr", lr, "finite and >= 0")?;
         self.step += 1;
+        // The counters follow the step number on the device: a skipped step counts nothing.
         tch::no_grad(|| {
-            for (_, counter) in &mut self.counters {
-                let _ = counter.fill_(self.step as f64);
+            for (device, counter) in &mut self.counters {
+                match grad_norm {
+                    Some(norm) => {
+                        let finite = norm.to_device(*device).isfinite().to_kind(Kind::Float);
+                        let _ = counter.g_add_(&finite);
+                    }
+                    None => {
+                        let _ = counter.fill_(self.step as f64);
+                    }
+                }
             }
         });
+        let found_inf = grad_norm.map(|norm| norm.isfinite().logical_not().to_kind(Kind::Float));
         let grads: Vec<Tensor> = self.params.iter().map(|(_, p)| p.grad()).collect();
         let slots: Vec<AdamWSlot<'_>> = self
             .params
@@ -148,7 +179,7 @@ impl AdamW {
             weight_decay: self.weight_decay,
             eps: self.eps,
         };
-        tch::no_grad(|| ffi::adamw_step(&slots, &hyper))
+        tch::no_grad(|| ffi::adamw_step(&slots, &hyper, found_inf.as_ref()))
     }
 
     fn counter(&self, device: Device) -> &Tensor {

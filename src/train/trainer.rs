@@ -47,8 +47,8 @@ pub struct TrainConfig {
     pub output_dir: PathBuf,
     /// Seed of the data order and of dropout.
     pub seed: u64,
-    /// Layer-wise activation recomputation.
-    pub recompute: bool,
+    /// Layer-wise activation recomputation (see [`Recompute`]).
+    pub recompute: Recompute,
     /// Chunked scoring settings (EOS id, chunk size, per-step EOS).
     pub scoring: ScoringConfig,
 }
@@ -102,6 +102,51 @@ impl TrainConfig {
     }
 }
 
+/// Whether the decoder layers are recomputed in the backward pass (keeping only each
+/// layer's input) or keep their activations.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[cfg_attr(feature = "trainer", derive(clap::ValueEnum))]
+pub enum Recompute {
+    /// Recompute only when the activations of the largest micro-batch would not fit in half
+    /// of the device's free memory (measured when the trainer starts; see
+    /// [`activation_bytes`]). Default: recomputation costs about a third more compute.
+    #[default]
+    Auto,
+    /// Always recompute (memory: one `[N, T, H]` tensor per layer).
+    All,
+    /// Never recompute.
+    None,
+}
+
+/// Estimated bytes of the activations autograd keeps for one micro-batch of `tokens`
+/// positions (padding included) without recomputation: per decoder layer and position, about
+/// `12·H + 5·I` values (the two norms' inputs and outputs, queries, keys and values, the
+/// rotary intermediates, attention output, residuals, and the MLP's gate, up, activation,
+/// product and down input), in the model's kind. The chunked scorer adds `chunk_size × V`
+/// f32 logits, counted too.
+pub fn activation_bytes(model: &Mistral, tokens: i64, scoring: &ScoringConfig) -> i64 {
+    let c = model.config();
+    let per_position = 12 * c.hidden_size + 5 * c.intermediate_size;
+    let element = model.kind().elt_size_in_bytes() as i64;
+    let layers = c.num_hidden_layers * tokens * per_position * element;
+    layers + scoring.chunk_size * c.vocab_size * 4
+}
+
+/// Free memory where `device` lives: the driver's count for a GPU, `MemAvailable` of
+/// `/proc/meminfo` for the CPU (None when unknown).
+fn free_memory(device: tch::Device) -> Option<i64> {
+    if device.is_cuda() {
+        return crate::device::memory_stats(device)
+            .ok()
+            .flatten()
+            .map(|s| s.free as i64);
+    }
+    let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = meminfo.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kib: i64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
+
 /// Reference-model log-probability sums, computed once from the starting model.
 type ReferenceCache = Vec<Vec<f64>>;
 
@@ -128,6 +173,7 @@ pub struct Trainer {
     log: MetricsLog,
     step: i64,
     data_fingerprint: String,
+    recompute: bool,
 }
 
 impl std::fmt::Debug for Trainer {
@@ -177,6 +223,7 @@ impl Trainer {
         check_examples_fit(&model, pad_id, &eval)?;
         probe_loss(loss.as_ref(), &config.scoring)?;
         let data_fingerprint = Fingerprint::default().examples(&train).hex();
+        let recompute = resolve_recompute(&model, &train, &config);
         std::fs::create_dir_all(&config.output_dir)
             .map_err(|e| RefaError::io(&config.output_dir, &e))?;
         let named = model.var_store().variables().into_iter().collect();
@@ -197,6 +244,7 @@ impl Trainer {
             log,
             step: 0,
             data_fingerprint,
+            recompute,
         };
         if trainer.loss.needs_reference() {
             trainer.reference = Some(trainer.load_or_score_reference()?);
@@ -214,26 +262,41 @@ impl Trainer {
         self.step
     }
 
+    /// Whether the layers are recomputed in the backward pass (the resolved
+    /// [`TrainConfig::recompute`]).
+    pub fn recomputes(&self) -> bool {
+        self.recompute
+    }
+
     /// Trainable scalars.
     pub fn trainable_parameters(&self) -> i64 {
         self.optimizer.parameter_count()
     }
 
     /// One optimizer step over `accumulation_steps` micro-batches.
+    ///
+    /// Nothing waits for the device until the step is queued: batches are built on the host
+    /// and uploaded asynchronously, the scorer's targets come from labels on the host, the
+    /// loss runs without value checks, the gradient norm stays on the device and the fused
+    /// AdamW kernel skips the update by itself when that norm is not finite. Then one read
+    /// (the norm, then each micro-batch's metrics) ends the step, which is also where the
+    /// step's time is taken. A non-finite norm is reported as an error; weights and moments
+    /// are then unchanged.
     pub fn train_step(&mut self) -> Result<StepMetrics> {
         let start = Instant::now();
         let step = self.step + 1;
         // Dropout draws are a function of the step, so a resumed run draws the same masks.
         tch::manual_seed(self.config.seed as i64 ^ (step << 20));
         let scale = 1.0 / self.config.accumulation_steps as f64;
-        let (mut accumulator, mut tokens) = (MetricsAccumulator::default(), 0);
+        let mut outputs = Vec::with_capacity(self.config.accumulation_steps);
+        let (mut tokens, mut padded_tokens) = (0, 0);
         for _ in 0..self.config.accumulation_steps {
             let indices = self.order.next_batch(self.config.prompts_per_batch);
             let batch = self.collate(&self.train, &indices);
             let reference = self.reference_tensor(&indices, false, &batch);
             let options = ForwardOptions {
                 train: true,
-                recompute: self.config.recompute,
+                recompute: self.recompute,
                 padding: Padding::Right,
             };
             let pass =
@@ -244,6 +307,7 @@ impl Trainer {
                 slot_mask: Some(&batch.slot_mask),
                 ref_logp_sum: reference.as_ref(),
                 loss_scale: scale,
+                value_checks: false,
             };
             let output = preference_loss_backward(
                 self.loss.as_ref(),
@@ -254,27 +318,32 @@ impl Trainer {
                 &targets,
             )?;
             pass.finish_backward(&self.model)?;
-            accumulator.add(&output.metrics.summary()?, batch.mean_response_length);
+            outputs.push((output.metrics, batch.mean_response_length));
             tokens += batch.tokens;
+            padded_tokens += batch.padded_tokens;
         }
-        let grad_norm = self
-            .optimizer
-            .clip_grad_norm(self.config.max_grad_norm)?
-            .double_value(&[]);
+        let norm = self.optimizer.clip_grad_norm(self.config.max_grad_norm)?;
+        let lr = self.config.schedule.lr(step);
+        self.optimizer.step_if_finite(lr, &norm)?;
+        let grad_norm = norm.double_value(&[]);
         if !grad_norm.is_finite() {
-            self.optimizer.zero_grad();
+            self.optimizer.rewind_skipped_step();
             return Err(RefaError::NonFiniteLoss {
                 loss: "gradient norm",
                 value: grad_norm,
             });
         }
-        let lr = self.config.schedule.lr(step);
-        self.optimizer.step(lr)?;
+        let mut accumulator = MetricsAccumulator::default();
+        for (metrics, mean_length) in &outputs {
+            accumulator.add(&metrics.summary()?, *mean_length);
+        }
+        let seconds = start.elapsed().as_secs_f64();
         self.step = step;
         let metrics = StepMetrics {
             grad_norm,
             lr,
-            tokens_per_s: tokens as f64 / start.elapsed().as_secs_f64(),
+            tokens_per_s: tokens as f64 / seconds,
+            tokens_per_s_padded: padded_tokens as f64 / seconds,
             ..accumulator.finish(step)
         };
         self.log.write(&metrics.to_json(""))?;
@@ -622,6 +691,28 @@ impl Trainer {
             message,
             last_checkpoint: latest_checkpoint(&self.config.output_dir)
                 .map(|p| p.display().to_string()),
+        }
+    }
+}
+
+/// [`Recompute::Auto`] decided against the largest micro-batch the data can form (the
+/// longest sequence, padded, times the most responses, times the prompts per batch).
+fn resolve_recompute(model: &Mistral, train: &[TokenizedExample], config: &TrainConfig) -> bool {
+    match config.recompute {
+        Recompute::All => true,
+        Recompute::None => false,
+        Recompute::Auto => {
+            let longest = train
+                .iter()
+                .flat_map(|e| &e.responses)
+                .map(|r| (r.prompt.len() + r.response.len()) as i64)
+                .max()
+                .unwrap_or(0);
+            let slots = train.iter().map(|e| e.responses.len()).max().unwrap_or(0) as i64;
+            let tokens = config.prompts_per_batch as i64 * slots * longest;
+            let needed = activation_bytes(model, tokens, &config.scoring);
+            let device = model.lm_head_weight().device();
+            free_memory(device).is_none_or(|free| needed > free / 2)
         }
     }
 }
