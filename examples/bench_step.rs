@@ -1,0 +1,301 @@
+//! Times the crate's training step (the trainer's `train_step`: collation, forward pass,
+//! chunked scoring, REFA-dynamic, backward pass, clipping, fused AdamW) on a randomly
+//! initialized Mistral and a synthetic batch, and prints one JSON object.
+//!
+//! ```text
+//! scripts/cargo run --release --features trainer --example bench_step -- --model cpu-12m
+//! scripts/cargo run --release --features trainer --example bench_step -- \
+//!     --model 0.85b --device cuda --prompts 2 --responses 4 --tokens 1024 --dump runs/bench
+//! ```
+//!
+//! The batch: `--prompts` prompts of `--responses` responses each; each sequence's length is
+//! drawn uniformly from `[tokens/2, tokens)`, of which the prompt (shared by a prompt's
+//! responses) takes `--prompt-fraction` of `tokens/2`. `--dump DIR` writes the model's
+//! `config.json` and the batch's lengths (`batch.json`), from which
+//! `benches/gpu/hf_step.py` builds the same shapes for transformers. Timings are the median
+//! of `--steps` steps after `--warmup` steps; each step ends with a read of its results, so
+//! the device's work is inside the time.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use clap::{Parser, ValueEnum};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use refa_loss::data::TokenizedExample;
+use refa_loss::mistral::{Encoded, LoraConfig, Mistral, MistralConfig};
+use refa_loss::scoring::ScoringConfig;
+use refa_loss::train::{CosineSchedule, Recompute, TrainConfig, Trainer};
+use refa_loss::{device, RefaDynamic};
+use tch::{Device, Kind};
+
+#[derive(Parser, Debug)]
+#[command(about = "Time the crate's training step on a random Mistral and a synthetic batch")]
+struct Args {
+    /// Model size: a preset or a config.json path.
+    #[arg(long, default_value = "cpu-12m")]
+    model: String,
+    /// Device.
+    #[arg(long, value_enum, default_value_t = DeviceName::Cpu)]
+    device: DeviceName,
+    /// Weight precision (default: bf16 on CUDA, f32 on the CPU).
+    #[arg(long, value_enum)]
+    dtype: Option<DType>,
+    /// Prompts per step.
+    #[arg(long, default_value_t = 2)]
+    prompts: usize,
+    /// Responses per prompt.
+    #[arg(long, default_value_t = 4)]
+    responses: usize,
+    /// Longest sequence in tokens.
+    #[arg(long, default_value_t = 256)]
+    tokens: usize,
+    /// The prompt's share of the shortest sequence.
+    #[arg(long, default_value_t = 0.3)]
+    prompt_fraction: f64,
+    /// LoRA rank (0: full fine-tuning).
+    #[arg(long, default_value_t = 0)]
+    lora_rank: i64,
+    /// Layer recomputation.
+    #[arg(long, value_enum, default_value_t = Recompute::Auto)]
+    recompute: Recompute,
+    /// Untimed steps first.
+    #[arg(long, default_value_t = 2)]
+    warmup: usize,
+    /// Timed steps.
+    #[arg(long, default_value_t = 8)]
+    steps: usize,
+    /// Dense bf16 peak of the card in TFLOP/s, for the MFU (H100/H200 SXM: 989).
+    #[arg(long)]
+    peak_tflops: Option<f64>,
+    /// Write config.json and batch.json here (for benches/gpu/hf_step.py).
+    #[arg(long)]
+    dump: Option<PathBuf>,
+    /// A name for the JSON record.
+    #[arg(long, default_value = "refa-loss")]
+    name: String,
+    /// Seed of the weights and the batch.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum DeviceName {
+    Cpu,
+    Cuda,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum DType {
+    F32,
+    Bf16,
+}
+
+fn main() {
+    if let Err(message) = run(Args::parse()) {
+        eprintln!("error: {message}");
+        std::process::exit(1);
+    }
+}
+
+fn run(args: Args) -> Result<(), String> {
+    let device = match args.device {
+        DeviceName::Cpu => Device::Cpu,
+        DeviceName::Cuda if device::cuda_is_available() => Device::Cuda(0),
+        DeviceName::Cuda => return Err("--device cuda, but no CUDA device is visible".into()),
+    };
+    let kind = match (args.dtype, device) {
+        (Some(DType::F32), _) | (None, Device::Cpu) => Kind::Float,
+        _ => Kind::BFloat16,
+    };
+    let config = model_config(&args.model)?;
+    if args.prompts == 0 || args.responses < 2 || args.tokens < 4 || args.steps == 0 {
+        return Err("need --prompts >= 1, --responses >= 2, --tokens >= 4, --steps >= 1".into());
+    }
+    let examples = synthetic_batch(&args, &config);
+    if let Some(dir) = &args.dump {
+        dump(dir, &config, &examples)?;
+    }
+    let lora = (args.lora_rank > 0).then(|| LoraConfig {
+        rank: args.lora_rank,
+        ..LoraConfig::default()
+    });
+    let model =
+        Mistral::new(config.clone(), device, kind, lora.as_ref()).map_err(|e| e.to_string())?;
+    model.init_random(args.seed as i64);
+    let parameters: i64 = model
+        .var_store()
+        .variables()
+        .values()
+        .map(|t| t.numel() as i64)
+        .sum();
+    let scratch = std::env::temp_dir().join(format!("refa-bench-step-{}", std::process::id()));
+    let total_steps = (args.warmup + args.steps) as i64;
+    let train_config = TrainConfig {
+        prompts_per_batch: args.prompts,
+        accumulation_steps: 1,
+        max_steps: total_steps,
+        schedule: CosineSchedule {
+            peak: 1e-5,
+            warmup: 0,
+            total: total_steps,
+            min_ratio: 1.0,
+        },
+        max_grad_norm: 1.0,
+        weight_decay: 0.0,
+        eval_every: 0,
+        save_every: 0,
+        keep_checkpoints: 1,
+        output_dir: scratch.clone(),
+        seed: args.seed,
+        recompute: args.recompute,
+        scoring: ScoringConfig::new(config.eos_token_id),
+    };
+    let lengths: Vec<usize> = examples
+        .iter()
+        .flat_map(|e| &e.responses)
+        .map(|r| r.prompt.len() + r.response.len())
+        .collect();
+    let tokens: usize = lengths.iter().sum();
+    // The step's one micro-batch is padded to its longest sequence.
+    let padded_tokens = lengths.len() * lengths.iter().max().copied().unwrap_or(0);
+    let mut trainer = Trainer::new(
+        model,
+        Box::new(RefaDynamic::default()),
+        examples,
+        Vec::new(),
+        config.eos_token_id,
+        train_config,
+    )
+    .map_err(|e| e.to_string())?;
+    for _ in 0..args.warmup {
+        trainer.train_step().map_err(|e| e.to_string())?;
+    }
+    device::reset_peak_memory(device).map_err(|e| e.to_string())?;
+    let mut times = Vec::with_capacity(args.steps);
+    for _ in 0..args.steps {
+        let start = Instant::now();
+        trainer.train_step().map_err(|e| e.to_string())?;
+        times.push(start.elapsed().as_secs_f64());
+    }
+    let _ = std::fs::remove_dir_all(&scratch);
+    let seconds = median(&mut times);
+    let peak = device::memory_stats(device)
+        .map_err(|e| e.to_string())?
+        .map(|s| s.peak_allocated);
+    let flops = 6.0 * parameters as f64 * tokens as f64 / seconds;
+    let record = serde_json::json!({
+        "name": args.name,
+        "model": args.model,
+        "device": format!("{device:?}"),
+        "dtype": format!("{kind:?}"),
+        "parameters": parameters,
+        "lora_rank": args.lora_rank,
+        "recompute": trainer.recomputes(),
+        "prompts": args.prompts,
+        "responses": args.responses,
+        "tokens": tokens,
+        "padded_tokens": padded_tokens,
+        "ms_per_step": seconds * 1e3,
+        "tokens_per_s": tokens as f64 / seconds,
+        "tokens_per_s_padded": padded_tokens as f64 / seconds,
+        "mfu": args.peak_tflops.map(|peak| flops / (peak * 1e12)),
+        "peak_allocated_bytes": peak,
+    });
+    println!("{record}");
+    Ok(())
+}
+
+fn median(values: &mut [f64]) -> f64 {
+    values.sort_by(f64::total_cmp);
+    values[values.len() / 2]
+}
+
+/// The presets the benchmarks use; anything else is read as a config.json path.
+fn model_config(name: &str) -> Result<MistralConfig, String> {
+    let preset = |vocab: i64, hidden: i64, layers: i64, heads: i64, kv: i64, inter: i64| {
+        serde_json::json!({
+            "vocab_size": vocab, "hidden_size": hidden, "intermediate_size": inter,
+            "num_hidden_layers": layers, "num_attention_heads": heads,
+            "num_key_value_heads": kv, "head_dim": hidden / heads,
+            "max_position_embeddings": 32768, "rope_theta": 10000.0, "rms_norm_eps": 1e-5,
+            "sliding_window": null, "tie_word_embeddings": false,
+            "bos_token_id": 1, "eos_token_id": 2, "model_type": "mistral"
+        })
+        .to_string()
+    };
+    let text = match name {
+        "tiny" => include_str!("data/tiny-config.json").to_string(),
+        // About 12 M parameters: the CPU comparison with transformers.
+        "cpu-12m" => preset(8000, 256, 10, 8, 4, 768),
+        // 852.6 M parameters: the configuration of the measured H200 baseline.
+        "0.85b" => preset(32000, 2048, 16, 16, 4, 5632),
+        // Mistral-7B v0.1's shape (sliding window off: sequences are shorter than 4096).
+        "7b" => preset(32000, 4096, 32, 32, 8, 14336),
+        path => std::fs::read_to_string(path).map_err(|e| format!("{path}: {e}"))?,
+    };
+    MistralConfig::from_json(&text).map_err(|e| e.to_string())
+}
+
+/// `prompts` examples of `responses` random sequences each, ending with EOS.
+fn synthetic_batch(args: &Args, config: &MistralConfig) -> Vec<TokenizedExample> {
+    let mut rng = ChaCha8Rng::seed_from_u64(args.seed ^ 0xbe4c);
+    let shortest = args.tokens / 2;
+    let prompt_len =
+        ((shortest as f64 * args.prompt_fraction).round() as usize).clamp(1, shortest - 1);
+    let token = |rng: &mut ChaCha8Rng| rng.gen_range(3..config.vocab_size);
+    (0..args.prompts)
+        .map(|_| {
+            let mut prompt: Vec<i64> = (0..prompt_len).map(|_| token(&mut rng)).collect();
+            prompt[0] = config.bos_token_id;
+            let responses: Vec<Encoded> = (0..args.responses)
+                .map(|_| {
+                    let total = rng.gen_range(shortest..args.tokens);
+                    let mut response: Vec<i64> =
+                        (0..total - prompt_len).map(|_| token(&mut rng)).collect();
+                    *response.last_mut().expect("a response token") = config.eos_token_id;
+                    Encoded {
+                        prompt: prompt.clone(),
+                        response,
+                    }
+                })
+                .collect();
+            let rewards = (0..args.responses)
+                .map(|_| rng.gen_range(0.0..10.0))
+                .collect();
+            TokenizedExample { responses, rewards }
+        })
+        .collect()
+}
+
+/// `config.json` and `batch.json` (`{"prompts": [{"prompt": n, "responses": [m, …],
+/// "rewards": […]}]}`) for the Python side.
+fn dump(
+    dir: &PathBuf,
+    config: &MistralConfig,
+    examples: &[TokenizedExample],
+) -> Result<(), String> {
+    std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    let write = |name: &str, text: String| {
+        let path = dir.join(name);
+        std::fs::write(&path, text).map_err(|e| format!("{}: {e}", path.display()))
+    };
+    write(
+        "config.json",
+        config.to_json("bfloat16").map_err(|e| e.to_string())?,
+    )?;
+    let prompts: Vec<serde_json::Value> = examples
+        .iter()
+        .map(|e| {
+            serde_json::json!({
+                "prompt": e.responses[0].prompt.len(),
+                "responses": e.responses.iter().map(|r| r.response.len()).collect::<Vec<_>>(),
+                "rewards": e.rewards,
+            })
+        })
+        .collect();
+    write(
+        "batch.json",
+        serde_json::json!({ "prompts": prompts }).to_string(),
+    )
+}
