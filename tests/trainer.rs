@@ -506,3 +506,24 @@ fn a_stop_request_saves_a_checkpoint_and_exits() {
     resumed.resume(&checkpoint).expect("resume");
     assert_eq!(resumed.step(), 3);
 }
+
+/// The streaming writer (one tensor on the host at a time) writes the same bytes as the
+/// in-memory serializer, for f32 and bf16 storage, integer tensors included.
+#[test]
+fn streaming_save_writes_byte_identical_files() {
+    let _rng = torch_rng();
+    let model = tiny_model(2);
+    let dir = tempfile::tempdir().expect("temp dir");
+    let mut tensors: Vec<(String, Tensor)> = model.var_store().variables().into_iter().collect();
+    tensors.push(("step".into(), Tensor::from_slice(&[7i64])));
+    for kind in [Kind::Float, Kind::BFloat16] {
+        let path = dir.path().join(format!("{kind:?}.safetensors"));
+        refa_loss::mistral::write_safetensors(&path, &tensors, kind).expect("streamed");
+        let in_memory = refa_loss::mistral::safetensors_bytes(
+            tensors.iter().map(|(n, t)| (n.as_str(), t)),
+            kind,
+        )
+        .expect("in memory");
+        assert_eq!(std::fs::read(&path).expect("read"), in_memory, "{kind:?}");
+    }
+}

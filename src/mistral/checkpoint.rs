@@ -215,15 +215,35 @@ impl View for &HostTensor {
     }
 }
 
-/// Writes `tensors` (Hugging Face names) and the files in `extra_files` (name and bytes, e.g.
-/// `config.json`, a trainer's state) as a checkpoint folder, atomically: everything goes to a hidden sibling
-/// folder first, each file is synced, and the folder is then renamed into place. A process
-/// killed midway leaves at most a stale `.partial` folder; any previous checkpoint at
-/// `folder` stays loadable until the final renames.
+/// A file written into a checkpoint folder besides the model's weights.
+#[derive(Debug)]
+pub enum CheckpointFile {
+    /// Bytes already in memory (`config.json`, a trainer's state).
+    Bytes(Vec<u8>),
+    /// Named tensors stored as a safetensors file, floating-point ones as `kind`, streamed
+    /// one tensor at a time from their device (an optimizer's state, LoRA adapters).
+    Tensors {
+        /// The tensors under their names.
+        tensors: Vec<(String, Tensor)>,
+        /// The kind floating-point tensors are stored as.
+        kind: Kind,
+    },
+}
+
+/// Writes `tensors` (Hugging Face names) and the files in `extra_files` (e.g. `config.json`,
+/// a trainer's state and optimizer) as a checkpoint folder, atomically: everything goes to a
+/// hidden sibling folder first, each file is synced, and the folder is then renamed into
+/// place. A process killed midway leaves at most a stale `.partial` folder; any previous
+/// checkpoint at `folder` stays loadable until the final renames; a failed write removes
+/// its `.partial` folder.
+///
+/// Tensors are streamed: each is copied to the host, converted and written before the next
+/// one is read, so host memory holds one tensor at a time, not the model and its optimizer
+/// state (about 170 GB for a 7B model with f32 master weights and moments).
 pub fn write_checkpoint(
     folder: impl AsRef<Path>,
     tensors: &[(String, Tensor)],
-    extra_files: &[(&str, Vec<u8>)],
+    extra_files: &[(&str, CheckpointFile)],
     options: SaveOptions,
 ) -> Result<()> {
     let folder = folder.as_ref();
@@ -233,8 +253,14 @@ pub fn write_checkpoint(
     }
     std::fs::create_dir_all(&staging).map_err(|e| RefaError::io(&staging, &e))?;
     let written = write_shards(&staging, tensors, options).and_then(|()| {
-        for (name, bytes) in extra_files {
-            write_synced(&staging.join(name), bytes)?;
+        for (name, file) in extra_files {
+            let path = staging.join(name);
+            match file {
+                CheckpointFile::Bytes(bytes) => write_synced(&path, bytes)?,
+                CheckpointFile::Tensors { tensors, kind } => {
+                    write_safetensors(&path, tensors, *kind)?
+                }
+            }
         }
         replace_folder(&staging, folder)
     });
@@ -243,6 +269,32 @@ pub fn write_checkpoint(
         let _ = std::fs::remove_dir_all(&staging);
     }
     written
+}
+
+/// Writes `tensors` as one safetensors file at `path`, floating-point ones stored as `kind`,
+/// streaming one tensor at a time to the host (see [`write_checkpoint`]), then syncs it. The
+/// bytes equal those of [`safetensors_bytes`] for the same tensors.
+pub fn write_safetensors(path: &Path, tensors: &[(String, Tensor)], kind: Kind) -> Result<()> {
+    let failure = std::cell::RefCell::new(None);
+    let views: Vec<(&str, StreamedTensor<'_>)> = tensors
+        .iter()
+        .map(|(name, t)| Ok((name.as_str(), StreamedTensor::new(name, t, kind, &failure)?)))
+        .collect::<Result<_>>()?;
+    let metadata = Some(
+        [("format".to_string(), "pt".to_string())]
+            .into_iter()
+            .collect(),
+    );
+    let written =
+        safetensors::serialize_to_file(views.iter().map(|(n, v)| (*n, v)), metadata, path)
+            .map_err(|e| RefaError::config(path, e));
+    if let Some(error) = failure.into_inner() {
+        return Err(error);
+    }
+    written?;
+    File::open(path)
+        .and_then(|file| file.sync_all())
+        .map_err(|e| RefaError::io(path, &e))
 }
 
 /// Splits `tensors` into shards of at most `shard_bytes` and writes them (plus the index
@@ -276,21 +328,13 @@ fn write_shards(staging: &Path, tensors: &[(String, Tensor)], options: SaveOptio
         } else {
             format!("model-{:05}-of-{count:05}.safetensors", i + 1)
         };
-        let host: Vec<(String, HostTensor)> = shard
+        let owned: Vec<(String, Tensor)> = shard
             .iter()
-            .map(|(name, t)| Ok((name.clone(), HostTensor::new(name, t, options.kind)?)))
-            .collect::<Result<_>>()?;
-        total_size += host.iter().map(|(_, t)| t.bytes.len() as u64).sum::<u64>();
-        let views = host.iter().map(|(name, t)| (name.as_str(), t));
-        let metadata = Some(
-            [("format".to_string(), "pt".to_string())]
-                .into_iter()
-                .collect(),
-        );
-        let bytes =
-            safetensors::serialize(views, metadata).map_err(|e| RefaError::config(&file, e))?;
-        write_synced(&staging.join(&file), &bytes)?;
-        for (name, _) in &host {
+            .map(|(name, t)| (name.clone(), t.shallow_clone()))
+            .collect();
+        write_safetensors(&staging.join(&file), &owned, options.kind)?;
+        for (name, tensor) in &owned {
+            total_size += (tensor.numel() * element(tensor)) as u64;
             weight_map.insert(name.clone(), serde_json::Value::String(file.clone()));
         }
     }
@@ -303,7 +347,67 @@ fn write_shards(staging: &Path, tensors: &[(String, Tensor)], options: SaveOptio
     Ok(())
 }
 
-/// The safetensors file of `tensors`, floating-point ones stored as `kind`.
+/// One tensor for the streaming writer: its bytes are made on the host only when the
+/// writer asks for them. A failed copy is recorded in `failure` (a `View` cannot return an
+/// error) and zeros of the right length are handed out; the caller then reports the failure
+/// and discards the file.
+struct StreamedTensor<'a> {
+    name: &'a str,
+    tensor: &'a Tensor,
+    kind: Kind,
+    dtype: Dtype,
+    shape: Vec<usize>,
+    failure: &'a std::cell::RefCell<Option<RefaError>>,
+}
+
+impl<'a> StreamedTensor<'a> {
+    fn new(
+        name: &'a str,
+        tensor: &'a Tensor,
+        kind: Kind,
+        failure: &'a std::cell::RefCell<Option<RefaError>>,
+    ) -> Result<Self> {
+        let kind = if tensor.is_floating_point() {
+            kind
+        } else {
+            tensor.kind()
+        };
+        let dtype = dtype_of(kind)
+            .ok_or_else(|| RefaError::checkpoint(name, format!("cannot store kind {kind:?}")))?;
+        Ok(StreamedTensor {
+            name,
+            tensor,
+            kind,
+            dtype,
+            shape: tensor.size().iter().map(|&d| d as usize).collect(),
+            failure,
+        })
+    }
+}
+
+impl View for &StreamedTensor<'_> {
+    fn dtype(&self) -> Dtype {
+        self.dtype
+    }
+    fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+    fn data(&self) -> std::borrow::Cow<'_, [u8]> {
+        match HostTensor::new(self.name, self.tensor, self.kind) {
+            Ok(host) => std::borrow::Cow::Owned(host.bytes),
+            Err(error) => {
+                self.failure.borrow_mut().get_or_insert(error);
+                std::borrow::Cow::Owned(vec![0; self.data_len()])
+            }
+        }
+    }
+    fn data_len(&self) -> usize {
+        self.shape.iter().product::<usize>() * self.kind.elt_size_in_bytes()
+    }
+}
+
+/// The safetensors file of `tensors`, floating-point ones stored as `kind`, made in memory
+/// (for small files; [`write_safetensors`] streams large ones).
 pub fn safetensors_bytes<'a>(
     tensors: impl IntoIterator<Item = (&'a str, &'a Tensor)>,
     kind: Kind,

@@ -26,7 +26,8 @@ mod recompute;
 mod tokenizer;
 
 pub use checkpoint::{
-    remove_folder_atomically, safetensors_bytes, write_checkpoint, CheckpointReader, SaveOptions,
+    remove_folder_atomically, safetensors_bytes, write_checkpoint, write_safetensors,
+    CheckpointFile, CheckpointReader, SaveOptions,
 };
 pub use config::{MistralConfig, RopeParameters};
 pub use generate::GenerationOptions;

@@ -6,7 +6,7 @@ use tch::nn::{self, VarStore};
 use tch::{Device, Kind, Tensor};
 
 use crate::error::{RefaError, Result};
-use crate::mistral::checkpoint::{write_checkpoint, CheckpointReader, SaveOptions};
+use crate::mistral::checkpoint::{write_checkpoint, CheckpointFile, CheckpointReader, SaveOptions};
 use crate::mistral::layers::{self, apply_rotary, rms_norm, Rotary};
 use crate::mistral::lora::{Linear, LoraConfig, LoraTarget};
 use crate::mistral::MistralConfig;
@@ -162,19 +162,20 @@ impl Mistral {
     }
 
     /// [`save_pretrained`](Self::save_pretrained) with more files in the same atomic folder
-    /// (a trainer's optimizer state, LoRA adapters, …).
+    /// (a trainer's state, its optimizer state and LoRA adapters, streamed like the weights).
     pub fn save_pretrained_with(
         &self,
         folder: impl AsRef<Path>,
         options: SaveOptions,
-        mut extra_files: Vec<(&str, Vec<u8>)>,
+        mut extra_files: Vec<(&str, CheckpointFile)>,
     ) -> Result<()> {
         let dtype = match options.kind {
             Kind::BFloat16 => "bfloat16",
             Kind::Half => "float16",
             _ => "float32",
         };
-        extra_files.push(("config.json", self.config.to_json(dtype)?.into_bytes()));
+        let config = self.config.to_json(dtype)?.into_bytes();
+        extra_files.push(("config.json", CheckpointFile::Bytes(config)));
         write_checkpoint(folder, &self.merged_parameters(), &extra_files, options)
     }
 

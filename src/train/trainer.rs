@@ -12,8 +12,8 @@ use crate::data::{collate, Collated, DataOrder, TokenizedExample};
 use crate::error::{RefaError, Result};
 use crate::loss::PreferenceLoss;
 use crate::mistral::{
-    remove_folder_atomically, safetensors_bytes, CheckpointReader, ForwardOptions, Mistral,
-    Padding, SaveOptions,
+    remove_folder_atomically, CheckpointFile, CheckpointReader, ForwardOptions, Mistral, Padding,
+    SaveOptions,
 };
 use crate::scoring::{preference_loss_backward, score_hidden, PreferenceTargets, ScoringConfig};
 use crate::train::fingerprint::Fingerprint;
@@ -448,19 +448,25 @@ impl Trainer {
             max_steps: Some(self.config.max_steps),
             schedule: Some(self.config.schedule),
         };
-        let optimizer = self.optimizer.state_tensors();
+        // The optimizer state and adapters are streamed tensor by tensor like the weights.
+        let tensors = |tensors| CheckpointFile::Tensors {
+            tensors,
+            kind: Kind::Float,
+        };
         let mut files = vec![
-            (TrainerState::FILE, state.to_json()?.into_bytes()),
+            (
+                TrainerState::FILE,
+                CheckpointFile::Bytes(state.to_json()?.into_bytes()),
+            ),
             (
                 "optimizer.safetensors",
-                safetensors_bytes(optimizer.iter().map(|(n, t)| (n.as_str(), t)), Kind::Float)?,
+                tensors(self.optimizer.state_tensors()),
             ),
         ];
         if state.lora {
-            let adapters = self.model.adapter_parameters();
             files.push((
                 "adapters.safetensors",
-                safetensors_bytes(adapters.iter().map(|(n, t)| (n.as_str(), t)), Kind::Float)?,
+                tensors(self.model.adapter_parameters()),
             ));
         }
         let options = SaveOptions {
