@@ -150,6 +150,7 @@ fn run(args: Args) -> Result<(), String> {
         seed: args.seed,
         recompute: args.recompute,
         scoring: ScoringConfig::new(config.eos_token_id),
+        pad_id: config.eos_token_id,
     };
     let lengths: Vec<usize> = examples
         .iter()
@@ -164,7 +165,6 @@ fn run(args: Args) -> Result<(), String> {
         Box::new(RefaDynamic::default()),
         examples,
         Vec::new(),
-        config.eos_token_id,
         train_config,
     )
     .map_err(|e| e.to_string())?;

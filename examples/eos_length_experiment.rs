@@ -25,7 +25,6 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use refa_loss::data::{split_eval, TokenizedExample};
 use refa_loss::mistral::{ChatTemplate, ChatTokenizer, GenerationOptions, Mistral, MistralConfig};
-use refa_loss::scoring::ScoringConfig;
 use refa_loss::train::{CosineSchedule, Recompute, TrainConfig, Trainer};
 use refa_loss::{
     EosMode, EosRegularizer, LossMetrics, LossOutput, PreferenceBatch, PreferenceLoss, RefaDynamic,
@@ -147,10 +146,10 @@ fn main() {
     common::exit_on_error(run(Args::parse()));
 }
 
-fn run(args: Args) -> Result<(), String> {
+fn run(args: Args) -> anyhow::Result<()> {
     tch::set_num_threads(2);
-    let tokenizer = ChatTokenizer::from_json(SAMPLE_TOKENIZER, ChatTemplate::MistralInstruct, 1, 2)
-        .map_err(|e| e.to_string())?;
+    let tokenizer =
+        ChatTokenizer::from_json(SAMPLE_TOKENIZER, ChatTemplate::MistralInstruct, 1, 2)?;
     let settings: [(&str, Option<EosRegularizer>); 3] = [
         ("lambda = 0", None),
         (
@@ -208,7 +207,7 @@ fn train_sft(
     tokenizer: &ChatTokenizer,
     seed: u64,
     dir: &Path,
-) -> Result<PathBuf, String> {
+) -> anyhow::Result<PathBuf> {
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     let examples: Vec<TokenizedExample> = (0..256)
         .map(|_| {
@@ -225,15 +224,13 @@ fn train_sft(
                 rewards: vec![0.0],
             })
         })
-        .collect::<RefaResult<_>>()
-        .map_err(|e| e.to_string())?;
+        .collect::<RefaResult<_>>()?;
     let model = Mistral::new(
-        MistralConfig::from_json(TINY_CONFIG).map_err(|e| e.to_string())?,
+        MistralConfig::from_json(TINY_CONFIG)?,
         Device::Cpu,
         Kind::Float,
         None,
-    )
-    .map_err(|e| e.to_string())?;
+    )?;
     model.init_random(seed as i64);
     let config = train_config(dir, seed, args.sft_steps, 3e-3, 8);
     train(model, Box::new(NextToken), examples, config)
@@ -247,7 +244,7 @@ fn train_preference(
     sft: &Path,
     regularizer: Option<EosRegularizer>,
     dir: &Path,
-) -> Result<PathBuf, String> {
+) -> anyhow::Result<PathBuf> {
     let mut rng = ChaCha8Rng::seed_from_u64(500 + seed);
     let examples: Vec<TokenizedExample> = (0..128)
         .map(|_| {
@@ -267,10 +264,8 @@ fn train_preference(
                 rewards: answers.iter().map(|a| a.1).collect(),
             })
         })
-        .collect::<RefaResult<_>>()
-        .map_err(|e| e.to_string())?;
-    let model =
-        Mistral::from_pretrained(sft, Device::Cpu, Kind::Float, None).map_err(|e| e.to_string())?;
+        .collect::<RefaResult<_>>()?;
+    let model = Mistral::from_pretrained(sft, Device::Cpu, Kind::Float, None)?;
     let loss: Box<dyn PreferenceLoss> = match regularizer {
         Some(r) => Box::new(RefaDynamic::default().with_regularizer(r)),
         None => Box::new(RefaDynamic::default()),
@@ -286,7 +281,6 @@ fn train_preference(
 fn train_config(dir: &Path, seed: u64, steps: i64, lr: f64, prompts: usize) -> TrainConfig {
     TrainConfig {
         prompts_per_batch: prompts,
-        accumulation_steps: 1,
         max_steps: steps,
         schedule: CosineSchedule {
             peak: lr,
@@ -294,15 +288,13 @@ fn train_config(dir: &Path, seed: u64, steps: i64, lr: f64, prompts: usize) -> T
             total: steps,
             min_ratio: 0.1,
         },
-        max_grad_norm: 1.0,
-        weight_decay: 0.0,
         eval_every: 0,
         save_every: 0,
         keep_checkpoints: 1,
         output_dir: dir.to_path_buf(),
         seed,
         recompute: Recompute::None,
-        scoring: ScoringConfig::new(2),
+        ..TrainConfig::default()
     }
 }
 
@@ -311,16 +303,13 @@ fn train(
     loss: Box<dyn PreferenceLoss>,
     examples: Vec<TokenizedExample>,
     config: TrainConfig,
-) -> Result<PathBuf, String> {
-    let (train, eval) = split_eval(examples, 0.05, config.seed).map_err(|e| e.to_string())?;
-    let mut trainer =
-        Trainer::new(model, loss, train, eval, 2, config).map_err(|e| e.to_string())?;
-    let summary = trainer
-        .run(&AtomicBool::new(false), |_| {})
-        .map_err(|e| e.to_string())?;
+) -> anyhow::Result<PathBuf> {
+    let (train, eval) = split_eval(examples, 0.05, config.seed)?;
+    let mut trainer = Trainer::new(model, loss, train, eval, config)?;
+    let summary = trainer.run(&AtomicBool::new(false), |_| {})?;
     summary
         .last_checkpoint
-        .ok_or_else(|| "no checkpoint written".to_string())
+        .ok_or_else(|| anyhow::anyhow!("no checkpoint written"))
 }
 
 /// Mean length in characters and mean quality of greedy answers to `tasks`.
@@ -329,25 +318,16 @@ fn evaluate(
     tokenizer: &ChatTokenizer,
     tasks: &[Task],
     show: bool,
-) -> Result<(f64, f64), String> {
-    let model = Mistral::from_pretrained(checkpoint, Device::Cpu, Kind::Float, None)
-        .map_err(|e| e.to_string())?;
+) -> anyhow::Result<(f64, f64)> {
+    let model = Mistral::from_pretrained(checkpoint, Device::Cpu, Kind::Float, None)?;
     let options = GenerationOptions {
         max_new_tokens: 80,
         ..GenerationOptions::default()
     };
     let (mut length, mut quality) = (0.0, 0.0);
     for task in tasks {
-        let prompt = tokenizer
-            .encode_prompt(&task.prompt())
-            .map_err(|e| e.to_string())?;
-        let output = tokenizer
-            .decode(
-                &model
-                    .generate(&prompt, &options)
-                    .map_err(|e| e.to_string())?,
-            )
-            .map_err(|e| e.to_string())?;
+        let prompt = tokenizer.encode_prompt(&task.prompt())?;
+        let output = tokenizer.decode(&model.generate(&prompt, &options)?)?;
         if show && std::ptr::eq(task, &tasks[0]) {
             println!("  {} -> {output:?}", task.prompt());
         }

@@ -12,14 +12,14 @@
 #[path = "common/mod.rs"]
 mod common;
 
+use anyhow::Context;
+
 use std::path::PathBuf;
 
 use common::CheckpointArgs;
 
 use clap::Parser;
 use refa_loss::mistral::GenerationOptions;
-
-const SAMPLE_DATA: &str = include_str!("data/sample.jsonl");
 
 #[derive(Parser, Debug)]
 #[command(about = "Generate answers with a checkpoint, in AlpacaEval's model_outputs.json format")]
@@ -56,18 +56,18 @@ fn main() {
     common::exit_on_error(run(Args::parse()));
 }
 
-fn run(args: Args) -> Result<(), String> {
+fn run(args: Args) -> anyhow::Result<()> {
     let options = GenerationOptions {
         max_new_tokens: args.max_new_tokens,
         temperature: args.temperature,
         top_p: args.top_p,
         seed: args.seed,
     };
-    options.validate().map_err(|e| e.to_string())?;
+    options.validate()?;
     let mut prompts = read_prompts(&args)?;
     prompts.truncate(args.limit.unwrap_or(usize::MAX));
     if prompts.is_empty() {
-        return Err("no prompt to answer (the prompt file is empty, or --limit 0)".into());
+        anyhow::bail!("no prompt to answer (the prompt file is empty, or --limit 0)");
     }
     let (model, tokenizer) = args.checkpoint.load()?;
     let generator = args.generator.clone().unwrap_or_else(|| {
@@ -80,27 +80,25 @@ fn run(args: Args) -> Result<(), String> {
     let mut outputs = Vec::with_capacity(prompts.len());
     let mut lengths = Vec::with_capacity(prompts.len());
     for (i, prompt) in prompts.iter().enumerate() {
-        let ids = tokenizer.encode_prompt(prompt).map_err(|e| e.to_string())?;
-        let new = model
-            .generate(
-                &ids,
-                &GenerationOptions {
-                    seed: options.seed + i as i64,
-                    ..options
-                },
-            )
-            .map_err(|e| e.to_string())?;
-        let text = tokenizer.decode(&new).map_err(|e| e.to_string())?;
+        let ids = tokenizer.encode_prompt(prompt)?;
+        let new = model.generate(
+            &ids,
+            &GenerationOptions {
+                seed: options.seed + i as i64,
+                ..options
+            },
+        )?;
+        let text = tokenizer.decode(&new)?;
         lengths.push(text.chars().count());
         outputs.push(
             serde_json::json!({ "instruction": prompt, "output": text, "generator": generator }),
         );
     }
-    let json = serde_json::to_string_pretty(&outputs).map_err(|e| e.to_string())?;
+    let json = serde_json::to_string_pretty(&outputs)?;
     if let Some(parent) = args.output.parent().filter(|p| !p.as_os_str().is_empty()) {
-        std::fs::create_dir_all(parent).map_err(|e| format!("{}: {e}", parent.display()))?;
+        std::fs::create_dir_all(parent).with_context(|| parent.display().to_string())?;
     }
-    std::fs::write(&args.output, json).map_err(|e| format!("{}: {e}", args.output.display()))?;
+    std::fs::write(&args.output, json).with_context(|| args.output.display().to_string())?;
     let mean = lengths.iter().sum::<usize>() as f64 / lengths.len().max(1) as f64;
     println!(
         "{} answers written to {} (mean length {mean:.0} characters)",
@@ -113,12 +111,10 @@ fn run(args: Args) -> Result<(), String> {
     Ok(())
 }
 
-fn read_prompts(args: &Args) -> Result<Vec<String>, String> {
+fn read_prompts(args: &Args) -> anyhow::Result<Vec<String>> {
     let text = match &args.prompts {
-        Some(path) => {
-            std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?
-        }
-        None => SAMPLE_DATA.to_string(),
+        Some(path) => std::fs::read_to_string(path).with_context(|| path.display().to_string())?,
+        None => common::SAMPLE_DATA.to_string(),
     };
     let values: Vec<serde_json::Value> = match serde_json::from_str::<serde_json::Value>(&text) {
         Ok(serde_json::Value::Array(items)) => items,
@@ -127,9 +123,9 @@ fn read_prompts(args: &Args) -> Result<Vec<String>, String> {
             .filter(|l| !l.trim().is_empty())
             .enumerate()
             .map(|(i, l)| {
-                serde_json::from_str(l).map_err(|e| format!("prompts line {}: {e}", i + 1))
+                serde_json::from_str(l).with_context(|| format!("prompts line {}", i + 1))
             })
-            .collect::<Result<_, _>>()?,
+            .collect::<anyhow::Result<_>>()?,
     };
     values
         .iter()
@@ -139,7 +135,9 @@ fn read_prompts(args: &Args) -> Result<Vec<String>, String> {
                 .or_else(|| v.get("prompt"))
                 .and_then(|p| p.as_str())
                 .map(str::to_string)
-                .ok_or_else(|| format!("prompt {}: no `instruction` or `prompt` string", i + 1))
+                .ok_or_else(|| {
+                    anyhow::anyhow!("prompt {}: no `instruction` or `prompt` string", i + 1)
+                })
         })
         .collect()
 }

@@ -17,11 +17,9 @@ use std::path::PathBuf;
 use common::CheckpointArgs;
 
 use clap::Parser;
-use refa_loss::data::{parse_jsonl, read_jsonl, tokenize_all, DataFormat, ScoreField};
+use refa_loss::data::{tokenize_all, DataFormat, ScoreField};
 use refa_loss::scoring::ScoringConfig;
 use refa_loss::train::{length_buckets, render_png, response_nll, Panel, Series};
-
-const SAMPLE_DATA: &str = include_str!("data/sample.jsonl");
 
 #[derive(Parser, Debug)]
 #[command(about = "Mean per-token NLL of responses by length bucket (the paper's URSLA probe)")]
@@ -46,7 +44,7 @@ fn main() {
     common::exit_on_error(run(Args::parse()));
 }
 
-fn run(args: Args) -> Result<(), String> {
+fn run(args: Args) -> anyhow::Result<()> {
     let (model, tokenizer) = args.checkpoint.load()?;
     let config = model.config();
     let format = if args.ultrafeedback {
@@ -54,39 +52,27 @@ fn run(args: Args) -> Result<(), String> {
     } else {
         DataFormat::Simple
     };
-    let report = match &args.data {
-        Some(path) => read_jsonl(path, format, ScoreField::Overall, false),
-        None => parse_jsonl(
-            SAMPLE_DATA,
-            "bundled sample.jsonl",
-            DataFormat::Simple,
-            ScoreField::Overall,
-            false,
-        ),
-    }
-    .map_err(|e| e.to_string())?;
+    let report = common::read_records(args.data.as_deref(), format, ScoreField::Overall, false)?;
     // Every response counts here, preference or not.
-    let examples =
-        tokenize_all(&report.records, &tokenizer, 512, 2048).map_err(|e| e.to_string())?;
+    let examples = tokenize_all(&report.records, &tokenizer, 512, 2048)?;
     let samples = response_nll(
         &model,
         &examples,
         8,
         &ScoringConfig::new(config.eos_token_id),
-    )
-    .map_err(|e| e.to_string())?;
+    )?;
     if args.buckets < 2 {
-        return Err(format!(
+        anyhow::bail!(
             "--buckets {}: at least 2 are needed to see a trend",
             args.buckets
-        ));
+        );
     }
     if samples.len() < args.buckets {
-        return Err(format!(
+        anyhow::bail!(
             "{} responses with tokens, fewer than the {} length buckets: nothing to compare",
             samples.len(),
             args.buckets
-        ));
+        );
     }
     let buckets = length_buckets(&samples, args.buckets);
     println!(
@@ -128,7 +114,7 @@ fn run(args: Args) -> Result<(), String> {
         x_label: "tokens".into(),
         series: vec![series],
     };
-    render_png(&[panel], 1, &args.plot).map_err(|e| e.to_string())?;
+    render_png(&[panel], 1, &args.plot)?;
     println!("plot: {}", args.plot.display());
     Ok(())
 }

@@ -63,6 +63,16 @@ pub fn cuda_device_count() -> usize {
     }
 }
 
+/// The weight kind a device trains in by default: bf16 on a GPU (with f32 master weights in
+/// the optimizer), f32 on the CPU (where bf16 matmuls are slow).
+pub fn default_kind(device: Device) -> tch::Kind {
+    if device.is_cuda() {
+        tch::Kind::BFloat16
+    } else {
+        tch::Kind::Float
+    }
+}
+
 /// `Device::Cuda(0)` when CUDA is usable, else `Device::Cpu`.
 pub fn cuda_if_available() -> Device {
     if cuda_is_available() {

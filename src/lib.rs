@@ -99,7 +99,8 @@ mod validate;
 pub use batch::PreferenceBatch;
 pub use error::{RefaError, Result};
 pub use loss::{
-    Dpo, EosMode, EosRegularizer, InfoNca, InfoNcaVariant, LossMetrics, LossOutput, MetricsSummary,
-    Mpo, PreferenceLoss, RefaDynamic, RefaOneVsAll, Regularized, SimPo, TargetLength,
+    Dpo, EosKind, EosMode, EosRegularizer, InfoNca, InfoNcaVariant, LossConfig, LossKind,
+    LossMetrics, LossOutput, MetricsSummary, Mpo, PreferenceLoss, RefaDynamic, RefaOneVsAll,
+    Regularized, SimPo, TargetLength,
 };
 pub use partition::{top_bottom_sets, DeviationMode, Partition, RELATIVE_TIE_TOLERANCE};

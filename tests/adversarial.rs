@@ -132,8 +132,11 @@ fn bad_trainer_flags_are_refused_before_the_first_step() {
                 "--eos-mode",
                 "target-length",
             ],
-            "--eos-target",
+            "eos_target",
         ),
+        (&["--loss", "simpo", "--gamma", "2"], "`gamma`"),
+        (&["--loss", "refa-dynamic", "--tau", "0.5"], "`tau`"),
+        (&["--eos-budget", "8"], "eos_budget"),
     ];
     for (flags, culprit) in cases {
         let mut args = vec!["--output-dir", out, "--quiet"];

@@ -691,3 +691,120 @@ fn explicit_sets_that_overlap_touch_masked_slots_or_lack_a_side_are_refused() {
         "{err}"
     );
 }
+
+/// `LossConfig` builds every loss with its paper defaults (checked against the structs'
+/// `Default`s through the loss on one batch), applies the flags that belong to the loss,
+/// refuses those that do not, and adds the EOS regularizer with the mode's default λ.
+#[test]
+fn loss_config_builds_each_loss_and_refuses_foreign_settings() {
+    use refa_loss::{EosKind, LossConfig, LossKind, PreferenceLoss};
+    let reference = t(&[[-2.0, -6.0, -3.0], [-1.0, -5.0, -2.0]]);
+    let value = |loss: &dyn PreferenceLoss| {
+        let batch = batch()
+            .with_reference(&reference)
+            .and_then(|b| b.with_eos(&logp(), &rewards().gt(2.0)))
+            .expect("batch");
+        loss.compute(&batch).expect("loss").loss.double_value(&[])
+    };
+    let expected: [(LossKind, Box<dyn PreferenceLoss>); 5] = [
+        (LossKind::RefaDynamic, Box::new(RefaDynamic::default())),
+        (LossKind::RefaOneVsAll, Box::new(RefaOneVsAll::default())),
+        (LossKind::InfoNcaReference, Box::new(InfoNca::original())),
+        (LossKind::Simpo, Box::new(SimPo::default())),
+        (LossKind::Mpo, Box::new(Mpo::default())),
+    ];
+    for (kind, loss) in expected {
+        let config = LossConfig {
+            loss: kind,
+            ..Default::default()
+        };
+        assert_eq!(
+            value(config.build().expect("build").as_ref()),
+            value(loss.as_ref()),
+            "{kind:?}"
+        );
+    }
+    let tuned = LossConfig {
+        beta: Some(2.5),
+        gamma: Some(1.2),
+        ..Default::default()
+    };
+    let direct = RefaDynamic {
+        beta: 2.5,
+        gamma: 1.2,
+        ..Default::default()
+    };
+    assert_eq!(
+        value(tuned.build().expect("build").as_ref()),
+        value(&direct)
+    );
+    let dpo = LossConfig {
+        loss: LossKind::Dpo,
+        length_normalize: Some(true),
+        ..Default::default()
+    };
+    let direct = Dpo {
+        length_normalize: true,
+        ..Default::default()
+    };
+    assert_eq!(value(dpo.build().expect("build").as_ref()), value(&direct));
+
+    for (config, culprit) in [
+        (
+            LossConfig {
+                loss: LossKind::Simpo,
+                gamma: Some(2.0),
+                ..Default::default()
+            },
+            "gamma",
+        ),
+        (
+            LossConfig {
+                loss: LossKind::RefaDynamic,
+                tau: Some(1.0),
+                ..Default::default()
+            },
+            "tau",
+        ),
+        (
+            LossConfig {
+                loss: LossKind::Dpo,
+                alpha: Some(0.1),
+                ..Default::default()
+            },
+            "alpha",
+        ),
+        (
+            LossConfig {
+                eos_budget: Some(9),
+                ..Default::default()
+            },
+            "eos_budget",
+        ),
+        (
+            LossConfig {
+                beta: Some(-1.0),
+                ..Default::default()
+            },
+            "beta",
+        ),
+    ] {
+        let err = config.build().err().expect("refused");
+        assert!(err.to_string().contains(culprit), "{culprit}: {err}");
+    }
+
+    let eos = LossConfig {
+        eos_mode: Some(EosKind::TargetLength),
+        ..Default::default()
+    };
+    let direct = RefaDynamic::default().with_regularizer(EosRegularizer::new(
+        EosMode::TargetLength(TargetLength::PromptLongest),
+    ));
+    assert_eq!(value(eos.build().expect("build").as_ref()), value(&direct));
+    let off = LossConfig {
+        eos_lambda: Some(0.0),
+        eos_mode: Some(EosKind::Budgeted),
+        ..Default::default()
+    };
+    assert_eq!(off.build().expect("build").name(), "RefaDynamic");
+}

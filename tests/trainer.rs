@@ -91,6 +91,7 @@ fn config(output_dir: &Path, max_steps: i64) -> TrainConfig {
         seed: 7,
         recompute: Recompute::All,
         scoring: ScoringConfig::new(2),
+        pad_id: 2,
     }
 }
 
@@ -104,7 +105,7 @@ fn loss() -> Box<dyn PreferenceLoss> {
 /// A trainer on the sample data (its held-out split included) from `tiny_model(model_seed)`.
 fn sample_trainer(model_seed: i64, config: TrainConfig) -> Trainer {
     let (train, eval) = split_eval(examples(), 0.125, 7).expect("split");
-    Trainer::new(tiny_model(model_seed), loss(), train, eval, 2, config).expect("trainer")
+    Trainer::new(tiny_model(model_seed), loss(), train, eval, config).expect("trainer")
 }
 
 #[test]

@@ -5,25 +5,66 @@
 use std::path::{Path, PathBuf};
 
 use clap::ValueEnum;
+use refa_loss::data::{parse_jsonl, read_jsonl, DataFormat, ReadReport, ScoreField};
 use refa_loss::device;
 use refa_loss::mistral::{ChatTemplate, ChatTokenizer, Mistral};
-use tch::Kind;
+use tch::{Device, Kind};
 
-/// The `--template` flag.
+/// The bundled sample data (64 prompts × 4 scored responses).
+pub const SAMPLE_DATA: &str = include_str!("../data/sample.jsonl");
+
+/// The `--dtype` flag: weight precision.
 #[derive(Clone, Copy, Debug, ValueEnum)]
-pub enum Template {
-    /// `[INST] … [/INST]`
-    Mistral,
-    /// `<|user|> … <|assistant|>`
-    Zephyr,
+pub enum DType {
+    F32,
+    Bf16,
 }
 
-impl From<Template> for ChatTemplate {
-    fn from(template: Template) -> Self {
-        match template {
-            Template::Mistral => ChatTemplate::MistralInstruct,
-            Template::Zephyr => ChatTemplate::Zephyr,
-        }
+/// The `--device` flag.
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum DeviceName {
+    /// The GPU when there is one.
+    Auto,
+    Cpu,
+    Cuda,
+}
+
+impl DeviceName {
+    pub fn resolve(self) -> anyhow::Result<Device> {
+        Ok(match self {
+            DeviceName::Auto => device::cuda_if_available(),
+            DeviceName::Cpu => Device::Cpu,
+            DeviceName::Cuda if device::cuda_is_available() => Device::Cuda(0),
+            DeviceName::Cuda => anyhow::bail!("--device cuda, but no CUDA device is visible"),
+        })
+    }
+}
+
+/// The weight kind: the flag's, else the device's default ([`device::default_kind`]).
+pub fn kind_for(dtype: Option<DType>, device: Device) -> Kind {
+    match dtype {
+        Some(DType::F32) => Kind::Float,
+        Some(DType::Bf16) => Kind::BFloat16,
+        None => device::default_kind(device),
+    }
+}
+
+/// `--data` read in `format`, or the bundled sample when it is absent.
+pub fn read_records(
+    data: Option<&Path>,
+    format: DataFormat,
+    score: ScoreField,
+    skip_bad_lines: bool,
+) -> refa_loss::Result<ReadReport> {
+    match data {
+        Some(path) => read_jsonl(path, format, score, skip_bad_lines),
+        None => parse_jsonl(
+            SAMPLE_DATA,
+            "bundled sample.jsonl",
+            DataFormat::Simple,
+            score,
+            skip_bad_lines,
+        ),
     }
 }
 
@@ -37,13 +78,13 @@ pub struct CheckpointArgs {
     #[arg(long)]
     pub tokenizer: Option<PathBuf>,
     /// Chat template.
-    #[arg(long, value_enum, default_value_t = Template::Mistral)]
-    pub template: Template,
+    #[arg(long, value_enum, default_value_t = ChatTemplate::MistralInstruct)]
+    pub template: ChatTemplate,
 }
 
 impl CheckpointArgs {
     /// The checkpoint and its tokenizer, for inference.
-    pub fn load(&self) -> Result<(Mistral, ChatTokenizer), String> {
+    pub fn load(&self) -> anyhow::Result<(Mistral, ChatTokenizer)> {
         load_for_inference(&self.model, self.tokenizer.as_deref(), self.template)
     }
 }
@@ -53,36 +94,25 @@ impl CheckpointArgs {
 pub fn load_for_inference(
     folder: &Path,
     tokenizer: Option<&Path>,
-    template: Template,
-) -> Result<(Mistral, ChatTokenizer), String> {
+    template: ChatTemplate,
+) -> anyhow::Result<(Mistral, ChatTokenizer)> {
     let device = device::cuda_if_available();
-    let kind = if device.is_cuda() {
-        Kind::BFloat16
-    } else {
-        Kind::Float
-    };
-    let model = Mistral::from_pretrained(folder, device, kind, None).map_err(|e| e.to_string())?;
+    let model = Mistral::from_pretrained(folder, device, device::default_kind(device), None)?;
     let path = tokenizer
         .map(Path::to_path_buf)
         .unwrap_or_else(|| folder.join("tokenizer.json"));
     let config = model.config();
-    let tokenizer = ChatTokenizer::from_file(
-        &path,
-        template.into(),
-        config.bos_token_id,
-        config.eos_token_id,
-    )
-    .map_err(|e| e.to_string())?;
-    tokenizer
-        .check_fits(config.vocab_size)
-        .map_err(|e| e.to_string())?;
+    let tokenizer =
+        ChatTokenizer::from_file(&path, template, config.bos_token_id, config.eos_token_id)?;
+    tokenizer.check_fits(config.vocab_size)?;
     Ok((model, tokenizer))
 }
 
-/// Runs `main`'s body, printing an error and exiting with status 1 on failure.
-pub fn exit_on_error(result: Result<(), String>) {
-    if let Err(message) = result {
-        eprintln!("error: {message}");
+/// Runs `main`'s body, printing the error (with its causes) and exiting with status 1 on
+/// failure.
+pub fn exit_on_error<E: std::fmt::Display>(result: Result<(), E>) {
+    if let Err(error) = result {
+        eprintln!("error: {error:#}");
         std::process::exit(1);
     }
 }

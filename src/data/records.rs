@@ -28,9 +28,11 @@ pub struct ScoredResponse {
 
 /// Which line format a file holds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(feature = "trainer", derive(clap::ValueEnum))]
 pub enum DataFormat {
     /// UltraFeedback raw: `{"instruction": …, "completions": [{"response": …,
     /// "overall_score": …, "fine-grained_score": …, "annotations": …}, …]}`.
+    #[cfg_attr(feature = "trainer", value(name = "ultrafeedback"))]
     UltraFeedback,
     /// `{"prompt": …, "responses": [{"text": …, "score": …}, …]}`.
     Simple,
@@ -38,6 +40,7 @@ pub enum DataFormat {
 
 /// Which UltraFeedback score is the reward.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[cfg_attr(feature = "trainer", derive(clap::ValueEnum))]
 pub enum ScoreField {
     /// `overall_score` (0..10, the paper's choice). Default.
     #[default]

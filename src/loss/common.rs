@@ -93,7 +93,8 @@ pub(crate) fn finish(
         negative: stats.negative.shallow_clone(),
         positive_mass: stats.positive_mass.shallow_clone(),
         active: partition.active().shallow_clone(),
-        valid: partition.valid().shallow_clone(),
+        // With explicit sets only Y+ ∪ Y− compete for the top score.
+        valid: partition.participants(),
         best: partition.best().shallow_clone(),
     });
     Ok(LossOutput {

@@ -42,8 +42,13 @@ impl PreferenceLoss for Dpo {
         true
     }
 
-    fn compute(&self, batch: &PreferenceBatch) -> Result<LossOutput> {
+    fn validate(&self) -> Result<()> {
         Hyperparameters::of(self.name()).positive("beta", self.beta)?;
+        Ok(())
+    }
+
+    fn compute(&self, batch: &PreferenceBatch) -> Result<LossOutput> {
+        self.validate()?;
         let partition = batch.partition()?;
         let log_ratios = scores(self.name(), batch, self.length_normalize, true)?;
         let logits = &log_ratios * self.beta;

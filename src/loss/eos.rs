@@ -102,7 +102,7 @@ impl EosRegularizer {
         }
     }
 
-    fn validate(&self) -> Result<()> {
+    fn check(&self) -> Result<()> {
         let check = Hyperparameters::of("EosRegularizer");
         check.non_negative("lambda", self.lambda)?;
         match self.mode {
@@ -138,8 +138,12 @@ impl PreferenceLoss for EosRegularizer {
         "EosRegularizer"
     }
 
+    fn validate(&self) -> Result<()> {
+        self.check()
+    }
+
     fn compute(&self, batch: &PreferenceBatch) -> Result<LossOutput> {
-        self.validate()?;
+        self.check()?;
         let missing = RefaError::MissingInput {
             loss: self.name(),
             input: "eos_logp and eos_mask",

@@ -89,10 +89,15 @@ impl PreferenceLoss for InfoNca {
         self.use_reference
     }
 
-    fn compute(&self, batch: &PreferenceBatch) -> Result<LossOutput> {
+    fn validate(&self) -> Result<()> {
         Hyperparameters::of(self.name())
             .positive("beta", self.beta)?
             .positive("tau", self.tau)?;
+        Ok(())
+    }
+
+    fn compute(&self, batch: &PreferenceBatch) -> Result<LossOutput> {
+        self.validate()?;
         let partition = batch.partition()?;
         // With explicit sets only Y+ ∪ Y− take part; in the mean split that is every valid slot.
         let valid = &partition.participants();

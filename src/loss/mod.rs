@@ -1,6 +1,7 @@
 //! The losses: one file each, all behind the [`PreferenceLoss`] trait.
 
 mod common;
+mod config;
 mod contrast;
 mod dpo;
 mod eos;
@@ -12,6 +13,7 @@ mod refa_dynamic;
 mod regularized;
 mod simpo;
 
+pub use config::{EosKind, LossConfig, LossKind};
 pub use dpo::Dpo;
 pub use eos::{EosMode, EosRegularizer, TargetLength};
 pub use info_nca::{InfoNca, InfoNcaVariant};
@@ -42,6 +44,12 @@ pub trait PreferenceLoss {
     /// Computes the loss on `batch`.
     fn compute(&self, batch: &PreferenceBatch) -> Result<LossOutput>;
 
+    /// Checks the hyperparameters alone (β > 0, γ > 0, …), so that a bad configuration
+    /// fails before any batch exists; `compute` checks them too. Default: nothing to check.
+    fn validate(&self) -> Result<()> {
+        Ok(())
+    }
+
     /// Whether `compute` reads `ref_logp_sum` (a trainer then scores the responses once
     /// with the frozen starting model).
     fn needs_reference(&self) -> bool {
@@ -69,6 +77,10 @@ impl<L: PreferenceLoss + ?Sized> PreferenceLoss for Box<L> {
         (**self).compute(batch)
     }
 
+    fn validate(&self) -> Result<()> {
+        (**self).validate()
+    }
+
     fn needs_reference(&self) -> bool {
         (**self).needs_reference()
     }
@@ -81,6 +93,10 @@ impl<L: PreferenceLoss + ?Sized> PreferenceLoss for &L {
 
     fn compute(&self, batch: &PreferenceBatch) -> Result<LossOutput> {
         (**self).compute(batch)
+    }
+
+    fn validate(&self) -> Result<()> {
+        (**self).validate()
     }
 
     fn needs_reference(&self) -> bool {

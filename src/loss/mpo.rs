@@ -55,11 +55,16 @@ impl PreferenceLoss for Mpo {
         true
     }
 
-    fn compute(&self, batch: &PreferenceBatch) -> Result<LossOutput> {
+    fn validate(&self) -> Result<()> {
         Hyperparameters::of(self.name())
             .positive("beta", self.beta)?
             .non_negative("alpha", self.alpha)?
             .positive("power", self.power)?;
+        Ok(())
+    }
+
+    fn compute(&self, batch: &PreferenceBatch) -> Result<LossOutput> {
+        self.validate()?;
         let partition = batch.partition()?;
         let log_ratios = scores(self.name(), batch, self.length_normalize, true)?;
         let deviations = partition.deviations(self.power, self.deviation, batch.kind());

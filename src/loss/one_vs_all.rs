@@ -71,6 +71,10 @@ impl PreferenceLoss for RefaOneVsAll {
         "RefaOneVsAll"
     }
 
+    fn validate(&self) -> Result<()> {
+        self.shared().validate(self.name())
+    }
+
     fn compute(&self, batch: &PreferenceBatch) -> Result<LossOutput> {
         let refa = self.shared();
         refa.validate(self.name())?;

@@ -28,6 +28,11 @@ impl<L: PreferenceLoss> PreferenceLoss for Regularized<L> {
         self.loss.needs_reference()
     }
 
+    fn validate(&self) -> Result<()> {
+        self.loss.validate()?;
+        self.regularizer.validate()
+    }
+
     fn compute(&self, batch: &PreferenceBatch) -> Result<LossOutput> {
         let main = self.loss.compute(batch)?;
         let regularizer = self.regularizer.compute(batch)?;

@@ -52,11 +52,16 @@ impl PreferenceLoss for SimPo {
         "SimPo"
     }
 
-    fn compute(&self, batch: &PreferenceBatch) -> Result<LossOutput> {
+    fn validate(&self) -> Result<()> {
         Hyperparameters::of(self.name())
             .positive("beta", self.beta)?
             .finite("margin", self.margin)?
             .non_negative("sft_weight", self.sft_weight)?;
+        Ok(())
+    }
+
+    fn compute(&self, batch: &PreferenceBatch) -> Result<LossOutput> {
+        self.validate()?;
         let partition = batch.partition()?;
         let scores = scores(self.name(), batch, self.length_normalize, false)?;
         let logits = &scores * self.beta;

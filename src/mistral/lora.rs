@@ -8,6 +8,7 @@ use crate::mistral::MistralConfig;
 
 /// A linear layer of the model that can carry a LoRA adapter.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[cfg_attr(feature = "trainer", derive(clap::ValueEnum))]
 pub enum LoraTarget {
     /// `self_attn.q_proj`
     Q,

@@ -8,8 +8,10 @@ use crate::error::{RefaError, Result};
 
 /// How a conversation turn becomes text.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(feature = "trainer", derive(clap::ValueEnum))]
 pub enum ChatTemplate {
     /// Mistral-instruct: `<s>[INST] {prompt} [/INST]` then `{response}</s>`.
+    #[cfg_attr(feature = "trainer", value(name = "mistral"))]
     MistralInstruct,
     /// Zephyr (the SFT models of the paper's pipeline): `<s><|user|>\n{prompt}</s>\n<|assistant|>\n`
     /// then `{response}</s>`.

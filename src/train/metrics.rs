@@ -39,90 +39,148 @@ pub struct StepMetrics {
     pub tokens_per_s_padded: f64,
 }
 
-/// Running means of [`MetricsSummary`] values; a `None` value is left out of its mean.
+/// One number a step reports: its key in `metrics.jsonl` (TRL-like; evaluations prefix it
+/// with `eval/`), a short label for tables and plots, and how it is read. The lists
+/// [`StepMetrics::LOSS_METRICS`] and [`StepMetrics::TRAINING_METRICS`] are the only places
+/// that name the metrics: the log, the accumulation over micro-batches, the plots and the
+/// example's summary table all iterate them.
+#[derive(Debug, Clone, Copy)]
+pub struct Metric {
+    /// The key in `metrics.jsonl`, e.g. `"rewards/margins"`.
+    pub key: &'static str,
+    /// A label for tables and plots, e.g. `"margin"`.
+    pub label: &'static str,
+    /// Reads it from a step's metrics.
+    pub get: fn(&StepMetrics) -> f64,
+    set: fn(&mut StepMetrics) -> &mut f64,
+    /// Its value in one micro-batch's summary (`None`: no data, left out of the mean).
+    of_batch: fn(&MetricsSummary, f64) -> Option<f64>,
+}
+
+macro_rules! metric {
+    ($key:literal, $label:literal, $field:ident, $of_batch:expr) => {
+        Metric {
+            key: $key,
+            label: $label,
+            get: |m| m.$field,
+            set: |m| &mut m.$field,
+            of_batch: $of_batch,
+        }
+    };
+}
+
+impl StepMetrics {
+    /// The statistics of the loss, averaged over a step's micro-batches (or an evaluation).
+    pub const LOSS_METRICS: [Metric; 8] = [
+        metric!("loss", "loss", loss, |s, _| Some(s.loss)),
+        metric!("rewards/margins", "margin", margin, |s, _| s.margin),
+        metric!(
+            "logps/positive",
+            "score positive",
+            score_positive,
+            |s, _| s.score_positive
+        ),
+        metric!(
+            "logps/negative",
+            "score negative",
+            score_negative,
+            |s, _| s.score_negative
+        ),
+        metric!(
+            "rewards/positive_mass",
+            "positive mass",
+            positive_mass,
+            |s, _| s.positive_mass
+        ),
+        metric!("rewards/accuracies", "accuracy", accuracy, |s, _| s
+            .accuracy),
+        metric!("eos/prob", "eos prob", eos_probability, |s, _| s
+            .eos_probability),
+        metric!(
+            "lengths/mean",
+            "mean length",
+            mean_length,
+            |_, length| Some(length)
+        ),
+    ];
+
+    /// What only a training step has.
+    pub const TRAINING_METRICS: [Metric; 4] = [
+        metric!("grad_norm", "gradient norm", grad_norm, |_, _| None),
+        metric!("lr", "learning rate", lr, |_, _| None),
+        metric!("tokens_per_s", "tokens/s", tokens_per_s, |_, _| None),
+        metric!(
+            "tokens_per_s_padded",
+            "tokens/s (padded)",
+            tokens_per_s_padded,
+            |_, _| None
+        ),
+    ];
+
+    /// The metric with `key` in either list.
+    pub fn metric(key: &str) -> Option<Metric> {
+        Self::LOSS_METRICS
+            .iter()
+            .chain(&Self::TRAINING_METRICS)
+            .find(|m| m.key == key)
+            .copied()
+    }
+}
+
+/// Running means of the [`StepMetrics::LOSS_METRICS`], one per metric; a `None` value is
+/// left out of its mean.
 #[derive(Debug, Default)]
 pub(crate) struct MetricsAccumulator {
-    sums: [f64; 8],
-    counts: [f64; 8],
+    means: [(f64, f64); 8],
 }
 
 impl MetricsAccumulator {
-    pub fn add(&mut self, m: &MetricsSummary, mean_length: f64) {
-        let values = [
-            Some(m.loss),
-            m.margin,
-            m.score_positive,
-            m.score_negative,
-            m.positive_mass,
-            m.accuracy,
-            m.eos_probability,
-            Some(mean_length),
-        ];
-        for (i, value) in values.into_iter().enumerate() {
-            if let Some(v) = value {
-                self.sums[i] += v;
-                self.counts[i] += 1.0;
+    pub fn add(&mut self, summary: &MetricsSummary, mean_length: f64) {
+        for (metric, (sum, count)) in StepMetrics::LOSS_METRICS.iter().zip(&mut self.means) {
+            if let Some(value) = (metric.of_batch)(summary, mean_length) {
+                *sum += value;
+                *count += 1.0;
             }
         }
     }
 
     pub fn finish(&self, step: i64) -> StepMetrics {
-        let mean = |i: usize| {
-            if self.counts[i] > 0.0 {
-                self.sums[i] / self.counts[i]
-            } else {
-                f64::NAN
-            }
-        };
-        StepMetrics {
+        let mut metrics = StepMetrics {
             step,
-            loss: mean(0),
-            margin: mean(1),
-            score_positive: mean(2),
-            score_negative: mean(3),
-            positive_mass: mean(4),
-            accuracy: mean(5),
-            eos_probability: mean(6),
-            mean_length: mean(7),
             ..StepMetrics::default()
+        };
+        for (metric, &(sum, count)) in StepMetrics::LOSS_METRICS.iter().zip(&self.means) {
+            *(metric.set)(&mut metrics) = if count > 0.0 { sum / count } else { f64::NAN };
         }
+        metrics
     }
 }
 
 impl StepMetrics {
-    /// One JSON object with TRL-like names; `prefix` is `""` for training, `"eval/"` for
-    /// evaluations. NaN (a metric with no data) is written as `null`.
+    /// One JSON object with TRL-like names; `prefix` is `""` for training (the training
+    /// metrics included), `"eval/"` for evaluations. NaN (a metric with no data) is written
+    /// as `null`.
     pub fn to_json(&self, prefix: &str) -> String {
-        let number = |v: f64| {
-            if v.is_finite() {
-                serde_json::json!(v)
-            } else {
-                serde_json::Value::Null
-            }
-        };
         let mut object = serde_json::Map::new();
         object.insert("step".into(), serde_json::json!(self.step));
-        for (name, value) in [
-            ("loss", self.loss),
-            ("rewards/margins", self.margin),
-            ("logps/positive", self.score_positive),
-            ("logps/negative", self.score_negative),
-            ("rewards/positive_mass", self.positive_mass),
-            ("rewards/accuracies", self.accuracy),
-            ("eos/prob", self.eos_probability),
-            ("lengths/mean", self.mean_length),
-        ] {
-            object.insert(format!("{prefix}{name}"), number(value));
-        }
-        if prefix.is_empty() {
-            for (name, value) in [
-                ("grad_norm", self.grad_norm),
-                ("lr", self.lr),
-                ("tokens_per_s", self.tokens_per_s),
-                ("tokens_per_s_padded", self.tokens_per_s_padded),
-            ] {
-                object.insert(name.into(), number(value));
-            }
+        let training: &[Metric] = if prefix.is_empty() {
+            &Self::TRAINING_METRICS
+        } else {
+            &[]
+        };
+        for metric in Self::LOSS_METRICS.iter().chain(training) {
+            let value = (metric.get)(self);
+            let json = if value.is_finite() {
+                serde_json::json!(value)
+            } else {
+                serde_json::Value::Null
+            };
+            let key = if training.iter().any(|m| m.key == metric.key) {
+                metric.key.to_string()
+            } else {
+                format!("{prefix}{}", metric.key)
+            };
+            object.insert(key, json);
         }
         serde_json::Value::Object(object).to_string()
     }

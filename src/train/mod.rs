@@ -10,7 +10,7 @@ mod state;
 mod trainer;
 mod ursla;
 
-pub use metrics::{MetricsLog, StepMetrics};
+pub use metrics::{Metric, MetricsLog, StepMetrics};
 pub use optimizer::{AdamW, CosineSchedule};
 pub use plot::{plot_history, render_png, Panel, Series};
 pub use state::TrainerState;

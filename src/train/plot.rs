@@ -46,19 +46,23 @@ pub fn plot_history(
     evaluations: &[StepMetrics],
     path: impl AsRef<Path>,
 ) -> Result<()> {
-    type Getter = fn(&StepMetrics) -> f64;
-    let charts: [(&str, Getter); 4] = [
-        ("loss", |m| m.loss),
-        ("margin (s+ - s-)", |m| m.margin),
-        ("positive mass", |m| m.positive_mass),
-        ("eos probability", |m| m.eos_probability),
-    ];
+    let charts = [
+        "loss",
+        "rewards/margins",
+        "rewards/positive_mass",
+        "eos/prob",
+    ]
+    .map(|key| StepMetrics::metric(key).expect("a listed metric"));
     let panels: Vec<Panel> = charts
         .iter()
-        .map(|(title, get)| {
-            let points = |ms: &[StepMetrics]| ms.iter().map(|m| (m.step as f64, get(m))).collect();
+        .map(|metric| {
+            let points = |ms: &[StepMetrics]| {
+                ms.iter()
+                    .map(|m| (m.step as f64, (metric.get)(m)))
+                    .collect()
+            };
             Panel {
-                title: title.to_string(),
+                title: metric.label.to_string(),
                 x_label: "step".into(),
                 series: vec![
                     Series {

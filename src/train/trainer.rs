@@ -51,6 +51,40 @@ pub struct TrainConfig {
     pub recompute: Recompute,
     /// Chunked scoring settings (EOS id, chunk size, per-step EOS).
     pub scoring: ScoringConfig,
+    /// The token id that pads batches (Mistral: its EOS, 2). Padding is never attended by
+    /// a token nor scored; the id must be inside the model's vocabulary.
+    pub pad_id: i64,
+}
+
+impl Default for TrainConfig {
+    /// The bundled example's run: 4 prompts per micro-batch, 1 micro-batch per step, 60
+    /// steps, peak learning rate 1e-3 with 5 warm-up steps and cosine decay to 10 %
+    /// (`schedule.total` follows `max_steps` only if set too), clipping at 1.0, no weight
+    /// decay, evaluation and checkpoints every 20 steps keeping 2, `runs/refa`, seed 42,
+    /// `Recompute::Auto`, Mistral's EOS (2) as EOS and padding.
+    fn default() -> Self {
+        TrainConfig {
+            prompts_per_batch: 4,
+            accumulation_steps: 1,
+            max_steps: 60,
+            schedule: CosineSchedule {
+                peak: 1e-3,
+                warmup: 5,
+                total: 60,
+                min_ratio: 0.1,
+            },
+            max_grad_norm: 1.0,
+            weight_decay: 0.0,
+            eval_every: 20,
+            save_every: 20,
+            keep_checkpoints: 2,
+            output_dir: PathBuf::from("runs/refa"),
+            seed: 42,
+            recompute: Recompute::Auto,
+            scoring: ScoringConfig::new(2),
+            pad_id: 2,
+        }
+    }
 }
 
 impl TrainConfig {
@@ -214,13 +248,14 @@ impl Trainer {
         loss: Box<dyn PreferenceLoss>,
         train: Vec<TokenizedExample>,
         eval: Vec<TokenizedExample>,
-        pad_id: i64,
         config: TrainConfig,
     ) -> Result<Self> {
+        let pad_id = config.pad_id;
         config.validate()?;
         RefaError::require(!train.is_empty(), "training examples", 0, ">= 1")?;
         check_examples_fit(&model, pad_id, &train)?;
         check_examples_fit(&model, pad_id, &eval)?;
+        loss.validate()?;
         probe_loss(loss.as_ref(), &config.scoring)?;
         let data_fingerprint = Fingerprint::default().examples(&train).hex();
         let recompute = resolve_recompute(&model, &train, &config);
