@@ -6,7 +6,7 @@ use tch::{Device, Kind, Tensor};
 
 use crate::error::{RefaError, Result};
 use crate::partition::Partition;
-use crate::validate::{self, ValueCheck};
+use crate::validate::{self, compute_kind, ValueCheck};
 
 /// One batch of `P` prompts with `K` response slots each, validated once.
 ///
@@ -374,15 +374,5 @@ impl ExplicitSets {
                 "non-empty in every prompt whose `positive` set is non-empty",
             ),
         ]
-    }
-}
-
-/// f64 inputs compute in f64; every other float kind computes in f32, which keeps bf16 and
-/// f16 log-probability sums (often in the thousands) from losing their small differences.
-fn compute_kind(input: Kind) -> Kind {
-    if input == Kind::Double {
-        Kind::Double
-    } else {
-        Kind::Float
     }
 }

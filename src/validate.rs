@@ -53,6 +53,17 @@ pub(crate) fn same_device(
     Ok(())
 }
 
+/// f64 inputs compute in f64; every other float kind computes in f32, which keeps bf16 and
+/// f16 log-probability sums (often in the thousands) from losing their small differences.
+/// The losses and the scorers share this rule.
+pub(crate) fn compute_kind(input: Kind) -> Kind {
+    if input == Kind::Double {
+        Kind::Double
+    } else {
+        Kind::Float
+    }
+}
+
 pub(crate) fn is_float(kind: Kind) -> bool {
     matches!(
         kind,

@@ -74,7 +74,8 @@ impl SetContrast<'_> {
     }
 }
 
-/// The hyperparameters REFA-dynamic and REFA-1-vs-all share, and the logits they define.
+/// The hyperparameters REFA-dynamic and REFA-1-vs-all share, and the logits they define
+/// (the two losses keep them as flat public fields; this is their one reading).
 pub(crate) struct RefaLogits {
     pub beta: f64,
     pub gamma: f64,
@@ -108,6 +109,26 @@ impl RefaLogits {
         Ok((scores, logits))
     }
 }
+
+/// `RefaLogits::from(&loss)` for the REFA losses, whose fields are the same.
+macro_rules! refa_logits_from {
+    ($($loss:ty),+) => {$(
+        impl From<&$loss> for RefaLogits {
+            fn from(loss: &$loss) -> Self {
+                RefaLogits {
+                    beta: loss.beta,
+                    gamma: loss.gamma,
+                    alpha: loss.alpha,
+                    power: loss.power,
+                    deviation: loss.deviation,
+                    length_normalize: loss.length_normalize,
+                }
+            }
+        }
+    )+};
+}
+
+refa_logits_from!(crate::loss::RefaDynamic, crate::loss::RefaOneVsAll);
 
 /// `u = β·s + α·d`: the logit of each response. The paper's weight `w = exp(α·d)` multiplies
 /// `exp(β·s)`, so it adds `α·d` in log space (spec §2, DECIDED additive form).

@@ -53,30 +53,17 @@ impl Default for RefaOneVsAll {
     }
 }
 
-impl RefaOneVsAll {
-    fn shared(&self) -> RefaLogits {
-        RefaLogits {
-            beta: self.beta,
-            gamma: self.gamma,
-            alpha: self.alpha,
-            power: self.power,
-            deviation: self.deviation,
-            length_normalize: self.length_normalize,
-        }
-    }
-}
-
 impl PreferenceLoss for RefaOneVsAll {
     fn name(&self) -> &'static str {
         "RefaOneVsAll"
     }
 
     fn validate(&self) -> Result<()> {
-        self.shared().validate(self.name())
+        RefaLogits::from(self).validate(self.name())
     }
 
     fn compute(&self, batch: &PreferenceBatch) -> Result<LossOutput> {
-        let refa = self.shared();
+        let refa = RefaLogits::from(self);
         refa.validate(self.name())?;
         let partition = batch.partition()?;
         let (scores, logits) = refa.scores_and_logits(self.name(), batch, partition)?;

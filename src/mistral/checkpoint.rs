@@ -175,15 +175,22 @@ struct HostTensor {
     bytes: Vec<u8>,
 }
 
+/// The kind and safetensors dtype `tensor` is stored as: `kind` for floating-point tensors,
+/// their own kind for the others.
+fn stored_kind(name: &str, tensor: &Tensor, kind: Kind) -> Result<(Kind, Dtype)> {
+    let kind = if tensor.is_floating_point() {
+        kind
+    } else {
+        tensor.kind()
+    };
+    let dtype = dtype_of(kind)
+        .ok_or_else(|| RefaError::checkpoint(name, format!("cannot store kind {kind:?}")))?;
+    Ok((kind, dtype))
+}
+
 impl HostTensor {
     fn new(name: &str, tensor: &Tensor, kind: Kind) -> Result<Self> {
-        let kind = if tensor.is_floating_point() {
-            kind
-        } else {
-            tensor.kind()
-        };
-        let dtype = dtype_of(kind)
-            .ok_or_else(|| RefaError::checkpoint(name, format!("cannot store kind {kind:?}")))?;
+        let (kind, dtype) = stored_kind(name, tensor, kind)?;
         let host = tensor
             .detach()
             .f_to_device(Device::Cpu)?
@@ -367,13 +374,7 @@ impl<'a> StreamedTensor<'a> {
         kind: Kind,
         failure: &'a std::cell::RefCell<Option<RefaError>>,
     ) -> Result<Self> {
-        let kind = if tensor.is_floating_point() {
-            kind
-        } else {
-            tensor.kind()
-        };
-        let dtype = dtype_of(kind)
-            .ok_or_else(|| RefaError::checkpoint(name, format!("cannot store kind {kind:?}")))?;
+        let (kind, dtype) = stored_kind(name, tensor, kind)?;
         Ok(StreamedTensor {
             name,
             tensor,

@@ -151,10 +151,4 @@ impl SequenceScores {
 }
 
 /// f64 inputs score in f64; every other kind in f32 (logsumexp and sums), as the losses do.
-pub(crate) fn score_kind(input: Kind) -> Kind {
-    if input == Kind::Double {
-        Kind::Double
-    } else {
-        Kind::Float
-    }
-}
+pub(crate) use crate::validate::compute_kind as score_kind;

@@ -15,7 +15,9 @@ use crate::mistral::{
     remove_folder_atomically, CheckpointFile, CheckpointReader, ForwardOptions, Mistral, Padding,
     SaveOptions,
 };
-use crate::scoring::{preference_loss_backward, score_hidden, PreferenceTargets, ScoringConfig};
+use crate::scoring::{
+    preference_loss_backward, score_hidden, PreferenceTargets, ScoringConfig, SequenceScores,
+};
 use crate::train::fingerprint::Fingerprint;
 use crate::train::metrics::{MetricsAccumulator, MetricsLog, StepMetrics};
 use crate::train::optimizer::{AdamW, CosineSchedule};
@@ -393,20 +395,7 @@ impl Trainer {
             let batch = self.collate(&self.eval, chunk);
             let reference = self.reference_tensor(chunk, true, &batch);
             let summary = tch::no_grad(|| -> Result<_> {
-                let hidden = self
-                    .model
-                    .forward_pass(
-                        &batch.input_ids,
-                        &batch.attention_mask,
-                        &ForwardOptions::right_padded(),
-                    )?
-                    .hidden;
-                let scores = score_hidden(
-                    &hidden,
-                    self.model.lm_head_weight(),
-                    &batch.labels,
-                    &self.config.scoring,
-                )?;
+                let scores = score_batch(&self.model, &batch, &self.config.scoring)?;
                 let mut preference = scores.to_batch(&batch.rewards, Some(&batch.slot_mask))?;
                 if let Some(reference) = &reference {
                     preference = preference.with_reference(reference)?;
@@ -662,23 +651,7 @@ impl Trainer {
         let indices: Vec<usize> = (0..examples.len()).collect();
         for chunk in indices.chunks(self.config.prompts_per_batch.max(1)) {
             let batch = self.collate(examples, chunk);
-            let sums = tch::no_grad(|| -> Result<Tensor> {
-                let hidden = self
-                    .model
-                    .forward_pass(
-                        &batch.input_ids,
-                        &batch.attention_mask,
-                        &ForwardOptions::right_padded(),
-                    )?
-                    .hidden;
-                Ok(score_hidden(
-                    &hidden,
-                    self.model.lm_head_weight(),
-                    &batch.labels,
-                    &self.config.scoring,
-                )?
-                .logp_sum)
-            })?;
+            let sums = score_batch(&self.model, &batch, &self.config.scoring)?.logp_sum;
             let sums =
                 Vec::<f64>::try_from(&sums.to_kind(Kind::Double).to_device(tch::Device::Cpu))?;
             let slots = batch.rewards.size()[1] as usize;
@@ -690,24 +663,12 @@ impl Trainer {
     }
 
     fn prune_checkpoints(&self) -> Result<()> {
-        let dir = &self.config.output_dir;
-        let entries = std::fs::read_dir(dir).map_err(|e| RefaError::io(dir, &e))?;
-        let mut steps: Vec<i64> = entries
-            .filter_map(|e| {
-                e.ok()?
-                    .file_name()
-                    .to_str()?
-                    .strip_prefix("checkpoint-")?
-                    .parse()
-                    .ok()
-            })
-            .collect();
-        steps.sort_unstable();
-        let excess = steps
+        let checkpoints = checkpoints(&self.config.output_dir);
+        let excess = checkpoints
             .len()
             .saturating_sub(self.config.keep_checkpoints.max(1));
-        for step in &steps[..excess] {
-            remove_folder_atomically(&dir.join(checkpoint_name(*step)))?;
+        for (_, path) in &checkpoints[..excess] {
+            remove_folder_atomically(path)?;
         }
         Ok(())
     }
@@ -734,6 +695,22 @@ impl Trainer {
                 .map(|p| p.display().to_string()),
         }
     }
+}
+
+/// Scores a collated (right-padded) batch under `model` without gradients: the forward pass
+/// and the chunked scorer, as evaluation, reference scoring and the URSLA probe need.
+pub(crate) fn score_batch(
+    model: &Mistral,
+    batch: &Collated,
+    scoring: &ScoringConfig,
+) -> Result<SequenceScores> {
+    tch::no_grad(|| {
+        let options = ForwardOptions::right_padded();
+        let hidden = model
+            .forward_pass(&batch.input_ids, &batch.attention_mask, &options)?
+            .hidden;
+        score_hidden(&hidden, model.lm_head_weight(), &batch.labels, scoring)
+    })
 }
 
 /// [`Recompute::Auto`] decided against the largest micro-batch the data can form (the
@@ -821,15 +798,24 @@ pub fn checkpoint_name(step: i64) -> String {
 
 /// The newest `checkpoint-*` folder in `output_dir`.
 pub fn latest_checkpoint(output_dir: &Path) -> Option<PathBuf> {
-    let entries = std::fs::read_dir(output_dir).ok()?;
-    entries
+    checkpoints(output_dir).pop().map(|(_, path)| path)
+}
+
+/// The `checkpoint-{step}` folders of `output_dir`, oldest first (hidden staging and
+/// deletion folders do not count; an unreadable folder has none).
+fn checkpoints(output_dir: &Path) -> Vec<(i64, PathBuf)> {
+    let Ok(entries) = std::fs::read_dir(output_dir) else {
+        return Vec::new();
+    };
+    let mut found: Vec<(i64, PathBuf)> = entries
         .filter_map(|e| {
             let name = e.ok()?.file_name().to_str()?.to_string();
             let step: i64 = name.strip_prefix("checkpoint-")?.parse().ok()?;
             Some((step, output_dir.join(name)))
         })
-        .max_by_key(|(step, _)| *step)
-        .map(|(_, path)| path)
+        .collect();
+    found.sort_by_key(|(step, _)| *step);
+    found
 }
 
 /// Copies named tensors from `source` into the variables `targets`.

@@ -5,8 +5,9 @@ use tch::{Device, Kind};
 
 use crate::data::{collate, TokenizedExample};
 use crate::error::Result;
-use crate::mistral::{ForwardOptions, Mistral};
-use crate::scoring::{score_hidden, ScoringConfig};
+use crate::mistral::Mistral;
+use crate::scoring::ScoringConfig;
+use crate::train::trainer::score_batch;
 
 /// Responses whose lengths fall in `[min_length, max_length]`, and their mean per-token NLL.
 #[derive(Debug, Clone, PartialEq)]
@@ -39,13 +40,7 @@ pub fn response_nll(
             continue;
         }
         let batch = collate(&refs, model.config().eos_token_id, device);
-        let scores = tch::no_grad(|| -> Result<_> {
-            let options = ForwardOptions::right_padded();
-            let hidden = model
-                .forward_pass(&batch.input_ids, &batch.attention_mask, &options)?
-                .hidden;
-            score_hidden(&hidden, model.lm_head_weight(), &batch.labels, scoring)
-        })?;
+        let scores = score_batch(model, &batch, scoring)?;
         let sums =
             Vec::<f64>::try_from(&scores.logp_sum.to_kind(Kind::Double).to_device(Device::Cpu))?;
         let lengths = Vec::<i64>::try_from(&scores.lengths.to_device(Device::Cpu))?;
