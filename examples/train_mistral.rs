@@ -20,13 +20,14 @@ use std::path::PathBuf;
 use anyhow::{bail, Context};
 use clap::Parser;
 use indicatif::{ProgressBar, ProgressStyle};
+use refa_loss::analysis::plot_history;
 use refa_loss::data::{split_eval, tokenize_records, DataFormat, ScoreField, TokenizedExample};
 use refa_loss::mistral::{
     ChatTemplate, ChatTokenizer, LoraConfig, LoraTarget, Mistral, MistralConfig,
 };
 use refa_loss::scoring::ScoringConfig;
 use refa_loss::train::{
-    latest_checkpoint, plot_history, CosineSchedule, Recompute, StepMetrics, TrainConfig, Trainer,
+    latest_checkpoint, CosineSchedule, Recompute, StepMetrics, TrainConfig, Trainer,
 };
 use refa_loss::LossConfig;
 use tch::Device;

@@ -17,9 +17,9 @@ use std::path::PathBuf;
 use common::CheckpointArgs;
 
 use clap::Parser;
+use refa_loss::analysis::{length_buckets, render_png, response_nll, Panel, Series};
 use refa_loss::data::{tokenize_all, DataFormat, ScoreField};
 use refa_loss::scoring::ScoringConfig;
-use refa_loss::train::{length_buckets, render_png, response_nll, Panel, Series};
 
 #[derive(Parser, Debug)]
 #[command(about = "Mean per-token NLL of responses by length bucket (the paper's URSLA probe)")]

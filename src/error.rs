@@ -123,6 +123,9 @@ pub enum RefaError {
         path: String,
         /// The operating system's message.
         message: String,
+        /// The error itself, for [`std::error::Error::source`] (`None` when there was none).
+        #[source]
+        source: Option<ErrorSource>,
     },
 
     /// A configuration file is malformed or incomplete (serde's message names a missing or
@@ -167,14 +170,59 @@ pub enum RefaError {
         problem: String,
     },
 
-    /// libtorch reported an error (kept as text so that `RefaError` stays `Clone`).
-    #[error("libtorch: {0}")]
-    Torch(String),
+    /// libtorch reported an error (or a C++ exception was caught at the boundary of
+    /// `csrc/`).
+    #[error("libtorch: {message}")]
+    Torch {
+        /// libtorch's message.
+        message: String,
+        /// The `TchError`, for [`std::error::Error::source`] (`None` when there was none).
+        #[source]
+        source: Option<ErrorSource>,
+    },
+}
+
+/// The error a [`RefaError`] came from, shared (so that `RefaError` stays `Clone`) and
+/// compared by its message (so that it stays `PartialEq`).
+#[derive(Debug, Clone)]
+pub struct ErrorSource(std::sync::Arc<dyn std::error::Error + Send + Sync>);
+
+impl ErrorSource {
+    /// Wraps `error`.
+    pub fn new(error: impl std::error::Error + Send + Sync + 'static) -> Self {
+        ErrorSource(std::sync::Arc::new(error))
+    }
+
+    /// The original error (downcast it to `std::io::Error`, `tch::TchError`, …).
+    pub fn get(&self) -> &(dyn std::error::Error + Send + Sync + 'static) {
+        &*self.0
+    }
+}
+
+impl PartialEq for ErrorSource {
+    fn eq(&self, other: &Self) -> bool {
+        self.0.to_string() == other.0.to_string()
+    }
+}
+
+impl std::fmt::Display for ErrorSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+impl std::error::Error for ErrorSource {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        self.0.source()
+    }
 }
 
 impl From<TchError> for RefaError {
     fn from(err: TchError) -> Self {
-        RefaError::Torch(err.to_string())
+        RefaError::Torch {
+            message: err.to_string(),
+            source: Some(ErrorSource::new(err)),
+        }
     }
 }
 
@@ -184,6 +232,18 @@ impl RefaError {
         RefaError::Io {
             path: path.as_ref().display().to_string(),
             message: err.to_string(),
+            source: Some(ErrorSource::new(std::io::Error::new(
+                err.kind(),
+                err.to_string(),
+            ))),
+        }
+    }
+
+    /// A libtorch error known only by its message (from `csrc/`, or made more precise).
+    pub fn torch(message: impl Into<String>) -> Self {
+        RefaError::Torch {
+            message: message.into(),
+            source: None,
         }
     }
 

@@ -54,7 +54,7 @@ fn check(message: *mut c_char) -> Result<()> {
         .to_string_lossy()
         .into_owned();
     unsafe { refa_free_error(message) };
-    Err(RefaError::Torch(text))
+    Err(RefaError::torch(text))
 }
 
 fn pointer(t: &Tensor) -> *mut C_tensor {
@@ -156,9 +156,7 @@ pub(crate) fn reset_peak_memory(index: usize) -> Result<()> {
 mod unlinked {
     use super::*;
     fn unavailable<T>() -> Result<T> {
-        Err(RefaError::Torch(
-            "built with `doc-only`: no libtorch".into(),
-        ))
+        Err(RefaError::torch("built with `doc-only`: no libtorch"))
     }
     pub(crate) fn adamw_step(
         _: &[AdamWSlot<'_>],

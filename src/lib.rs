@@ -86,6 +86,8 @@ compile_error!(
     "feature `doc-only` is for documentation builds (docs.rs) only; build and test with \
      `--features trainer` (or `mistral`) instead of `--all-features`"
 );
+#[cfg(feature = "trainer")]
+pub mod analysis;
 pub mod loss;
 #[cfg(feature = "mistral")]
 pub mod mistral;
@@ -97,7 +99,7 @@ pub mod train;
 mod validate;
 
 pub use batch::PreferenceBatch;
-pub use error::{RefaError, Result};
+pub use error::{ErrorSource, RefaError, Result};
 pub use loss::{
     Dpo, EosKind, EosMode, EosRegularizer, InfoNca, InfoNcaVariant, LossConfig, LossKind,
     LossMetrics, LossOutput, MetricsSummary, Mpo, PreferenceLoss, RefaDynamic, RefaOneVsAll,

@@ -808,3 +808,21 @@ fn loss_config_builds_each_loss_and_refuses_foreign_settings() {
     };
     assert_eq!(off.build().expect("build").name(), "RefaDynamic");
 }
+
+/// I/O and libtorch errors keep the error they came from as their `source()`.
+#[test]
+fn io_and_libtorch_errors_keep_their_source() {
+    use std::error::Error;
+    let io = RefaError::io(
+        "missing.json",
+        &std::io::Error::from(std::io::ErrorKind::NotFound),
+    );
+    let source = io.source().expect("an io source");
+    assert!(source.to_string().contains("not found"), "{source}");
+    let torch: RefaError = Tensor::zeros([2], (Kind::Float, Device::Cpu))
+        .f_view([3])
+        .unwrap_err()
+        .into();
+    assert!(torch.source().is_some(), "{torch}");
+    assert_eq!(torch.clone(), torch, "still Clone and PartialEq");
+}

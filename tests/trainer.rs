@@ -408,7 +408,8 @@ fn a_non_finite_loss_stops_the_run_and_keeps_the_last_checkpoint() {
 
 #[test]
 fn training_curves_are_plotted_as_a_png() {
-    use refa_loss::train::{plot_history, StepMetrics};
+    use refa_loss::analysis::plot_history;
+    use refa_loss::train::StepMetrics;
     let history: Vec<StepMetrics> = (1..=40)
         .map(|step| StepMetrics {
             step,
@@ -449,7 +450,7 @@ fn training_curves_are_plotted_as_a_png() {
 #[test]
 fn the_ursla_probe_recovers_a_known_per_token_nll() {
     let _rng = torch_rng();
-    use refa_loss::train::{length_buckets, response_nll};
+    use refa_loss::analysis::{length_buckets, response_nll};
     let config = tiny_config();
     let vocab = config.vocab_size as f64;
     let uniform = Mistral::new(config, Device::Cpu, Kind::Float, None).expect("model"); // all weights zero

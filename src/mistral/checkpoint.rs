@@ -103,6 +103,7 @@ fn shard_files(folder: &Path) -> Result<Vec<PathBuf>> {
             return Err(RefaError::Io {
                 path: folder.display().to_string(),
                 message,
+                source: None,
             });
         }
         return Ok(vec![single]);

@@ -294,7 +294,7 @@ impl Mistral {
             .embed
             .f_index_select(0, &input_ids.flatten(0, -1))
             .map_err(|e| {
-                RefaError::Torch(format!(
+                RefaError::torch(format!(
                     "`input_ids` hold a token id outside the vocabulary [0, {}): {e}",
                     self.config.vocab_size
                 ))

@@ -7,7 +7,7 @@ use crate::data::{collate, TokenizedExample};
 use crate::error::Result;
 use crate::mistral::Mistral;
 use crate::scoring::ScoringConfig;
-use crate::train::trainer::score_batch;
+use crate::train::score_batch;
 
 /// Responses whose lengths fall in `[min_length, max_length]`, and their mean per-token NLL.
 #[derive(Debug, Clone, PartialEq)]

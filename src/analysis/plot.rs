@@ -3,8 +3,8 @@
 
 use std::path::Path;
 
-use crate::error::{RefaError, Result};
-use crate::train::metrics::StepMetrics;
+use crate::error::{ErrorSource, RefaError, Result};
+use crate::train::StepMetrics;
 
 /// One line (optionally with point markers) of a panel.
 #[derive(Debug, Clone, PartialEq)]
@@ -196,19 +196,18 @@ impl Canvas {
             return;
         }
         let (x_min, x_max) = bounds(finite.iter().map(|p| p.0), 0.0);
-        let (y_min, y_max) = bounds(finite.iter().map(|p| p.1), 0.05);
+        let (low, high) = bounds(finite.iter().map(|p| p.1), 0.05);
+        let ticks = RoundTicks::covering(low, high);
+        let (y_min, y_max) = (ticks.first(), ticks.last());
         let to_pixel = |(x, y): (f64, f64)| {
             let px = x0 + ((x - x_min) / (x_max - x_min) * (x1 - x0) as f64).round() as i64;
             let py = y1 - ((y - y_min) / (y_max - y_min) * (y1 - y0) as f64).round() as i64;
             (px, py)
         };
-        for (i, value) in [y_min, (y_min + y_max) / 2.0, y_max]
-            .into_iter()
-            .enumerate()
-        {
-            let y = y1 - (i as i64) * (y1 - y0) / 2;
+        for value in ticks.values() {
+            let (_, y) = to_pixel((x_min, value));
             self.line((x0 - 4, y), (x0, y), black);
-            let label = tick_label(value);
+            let label = ticks.label(value);
             self.text(x0 - 8 - label.len() as i64 * 12, y - 7, &label, 2, black);
         }
         let (first, last) = (tick_label(x_min), tick_label(x_max));
@@ -261,6 +260,7 @@ impl Canvas {
         let failed = |e: png::EncodingError| RefaError::Io {
             path: path.display().to_string(),
             message: e.to_string(),
+            source: Some(ErrorSource::new(e)),
         };
         let mut writer = encoder.write_header().map_err(failed)?;
         writer.write_image_data(&self.pixels).map_err(failed)
@@ -278,6 +278,52 @@ fn bounds(values: impl Iterator<Item = f64>, margin: f64) -> (f64, f64) {
         0.5 * max.abs().max(1.0)
     };
     (min - pad, max + pad)
+}
+
+/// Round axis ticks: a step of 1, 2 or 5 × 10^k that gives 3 to 6 ticks over the data, the
+/// axis widened to whole steps, and labels with the decimals the step needs (0.25, not
+/// 0.292).
+struct RoundTicks {
+    start: f64,
+    step: f64,
+    count: usize,
+}
+
+impl RoundTicks {
+    fn covering(min: f64, max: f64) -> Self {
+        let rough = (max - min) / 4.0;
+        let power = 10f64.powf(rough.log10().floor());
+        let step = [1.0, 2.0, 5.0, 10.0]
+            .into_iter()
+            .map(|m| m * power)
+            .find(|s| *s >= rough)
+            .unwrap_or(10.0 * power);
+        let start = (min / step).floor() * step;
+        let count = ((max - start) / step).ceil().max(1.0) as usize + 1;
+        RoundTicks { start, step, count }
+    }
+
+    fn values(&self) -> impl Iterator<Item = f64> + '_ {
+        (0..self.count).map(|i| self.start + i as f64 * self.step)
+    }
+
+    fn first(&self) -> f64 {
+        self.start
+    }
+
+    fn last(&self) -> f64 {
+        self.start + (self.count - 1) as f64 * self.step
+    }
+
+    fn label(&self, value: f64) -> String {
+        let decimals = (-self.step.log10().floor()).clamp(0.0, 6.0) as usize;
+        let magnitude = value.abs().max(self.step);
+        if !(1e-3..1e5).contains(&magnitude) {
+            return tick_label(value);
+        }
+        // `+ 0.0` turns −0 into 0.
+        format!("{:.decimals$}", value + 0.0)
+    }
 }
 
 /// At most 8 characters: integers as they are, fixed point for ordinary magnitudes,
@@ -360,6 +406,17 @@ mod tests {
         {
             assert!(c == ' ' || glyph(c).iter().any(|&row| row != 0), "{c:?}");
         }
+    }
+
+    #[test]
+    fn ticks_are_round_numbers() {
+        let ticks = RoundTicks::covering(-0.056, 1.186);
+        let labels: Vec<String> = ticks.values().map(|v| ticks.label(v)).collect();
+        assert_eq!(labels, ["-0.5", "0.0", "0.5", "1.0", "1.5"]);
+        assert!(ticks.first() <= -0.056 && ticks.last() >= 1.186);
+        let ticks = RoundTicks::covering(0.0031, 0.0087);
+        let labels: Vec<String> = ticks.values().map(|v| ticks.label(v)).collect();
+        assert_eq!(labels, ["0.002", "0.004", "0.006", "0.008", "0.010"]);
     }
 
     #[test]
