@@ -4,6 +4,7 @@ use tch::{Kind, Tensor};
 
 use crate::batch::PreferenceBatch;
 use crate::error::{RefaError, Result};
+pub(crate) use crate::loss::output::ContrastStats;
 use crate::loss::output::{ContrastInputs, LossMetrics, LossOutput};
 use crate::partition::Partition;
 
@@ -59,18 +60,6 @@ pub(crate) fn average_over_active(per_prompt: &Tensor, partition: &Partition) ->
     (per_prompt.sum(kind) / used, per_prompt)
 }
 
-/// Statistics of a loss that contrasts a positive set against a negative set.
-pub(crate) struct ContrastStats<'a> {
-    /// `[P, K]` scores the loss compares.
-    pub scores: &'a Tensor,
-    /// `[P, K]` bool: the positives the loss favours.
-    pub positive: &'a Tensor,
-    /// `[P, K]` bool: the negatives it penalizes.
-    pub negative: &'a Tensor,
-    /// `[P]` probability mass the loss puts on the positives.
-    pub positive_mass: &'a Tensor,
-}
-
 /// Builds the [`LossOutput`], with metrics, and refuses a non-finite loss when the batch's
 /// value checks are on.
 pub(crate) fn finish(
@@ -87,16 +76,7 @@ pub(crate) fn finish(
         batch.num_prompts(),
         batch.eos(),
     )
-    .with_contrast(ContrastInputs {
-        scores: stats.scores.shallow_clone(),
-        positive: stats.positive.shallow_clone(),
-        negative: stats.negative.shallow_clone(),
-        positive_mass: stats.positive_mass.shallow_clone(),
-        active: partition.active().shallow_clone(),
-        // With explicit sets only Y+ ∪ Y− compete for the top score.
-        valid: partition.participants(),
-        best: partition.best().shallow_clone(),
-    });
+    .with_contrast(ContrastInputs::new(stats, partition));
     Ok(LossOutput {
         loss,
         per_prompt,

@@ -43,6 +43,19 @@ impl SumCount {
     }
 }
 
+/// What a contrast loss tells its metrics; the partition adds the rest (see
+/// [`ContrastInputs::new`]).
+pub(crate) struct ContrastStats<'a> {
+    /// `[P, K]` scores the loss compares.
+    pub scores: &'a Tensor,
+    /// `[P, K]` bool: the positives the loss favours.
+    pub positive: &'a Tensor,
+    /// `[P, K]` bool: the negatives it penalizes.
+    pub negative: &'a Tensor,
+    /// `[P]` probability mass the loss puts on the positives.
+    pub positive_mass: &'a Tensor,
+}
+
 /// What the contrast statistics are computed from, kept detached until they are read.
 #[derive(Debug)]
 pub(crate) struct ContrastInputs {
@@ -60,6 +73,23 @@ pub(crate) struct ContrastInputs {
     pub valid: Tensor,
     /// `[P]` i64: highest-reward slot.
     pub best: Tensor,
+}
+
+impl ContrastInputs {
+    /// A loss's statistics, and what the partition adds: used prompts, competing slots, the
+    /// best slot.
+    pub(crate) fn new(stats: ContrastStats<'_>, partition: &crate::partition::Partition) -> Self {
+        ContrastInputs {
+            scores: stats.scores.shallow_clone(),
+            positive: stats.positive.shallow_clone(),
+            negative: stats.negative.shallow_clone(),
+            positive_mass: stats.positive_mass.shallow_clone(),
+            active: partition.active().shallow_clone(),
+            // With explicit sets only Y+ ∪ Y− compete for the top score.
+            valid: partition.participants(),
+            best: partition.best().shallow_clone(),
+        }
+    }
 }
 
 /// The statistics of one loss evaluation. Producing them costs nothing: they hold detached
