@@ -56,6 +56,9 @@ struct Args {
     /// LoRA rank (0: full fine-tuning).
     #[arg(long, default_value_t = 0)]
     lora_rank: i64,
+    /// Prefix sharing (each prompt's layers once for its responses).
+    #[arg(long)]
+    share_prompts: bool,
     /// Layer recomputation.
     #[arg(long, value_enum, default_value_t = Recompute::Auto)]
     recompute: Recompute,
@@ -151,6 +154,7 @@ fn run(args: Args) -> Result<(), String> {
         recompute: args.recompute,
         scoring: ScoringConfig::new(config.eos_token_id),
         pad_id: config.eos_token_id,
+        share_prompts: args.share_prompts,
     };
     let lengths: Vec<usize> = examples
         .iter()
@@ -158,8 +162,20 @@ fn run(args: Args) -> Result<(), String> {
         .map(|r| r.prompt.len() + r.response.len())
         .collect();
     let tokens: usize = lengths.iter().sum();
-    // The step's one micro-batch is padded to its longest sequence.
-    let padded_tokens = lengths.len() * lengths.iter().max().copied().unwrap_or(0);
+    // The positions the layers see: the micro-batch padded to its longest sequence, or with
+    // prefix sharing the prompts once plus the responses, each padded to the longest.
+    let padded_tokens = if args.share_prompts {
+        let responses = examples.iter().flat_map(|e| &e.responses);
+        let longest_response = responses.map(|r| r.response.len()).max().unwrap_or(0);
+        let longest_prompt = examples
+            .iter()
+            .map(|e| e.responses[0].prompt.len())
+            .max()
+            .unwrap_or(0);
+        args.prompts * longest_prompt + lengths.len() * longest_response
+    } else {
+        lengths.len() * lengths.iter().max().copied().unwrap_or(0)
+    };
     let mut trainer = Trainer::new(
         model,
         Box::new(RefaDynamic::default()),
@@ -192,6 +208,7 @@ fn run(args: Args) -> Result<(), String> {
         "parameters": parameters,
         "lora_rank": args.lora_rank,
         "recompute": trainer.recomputes(),
+        "share_prompts": args.share_prompts,
         "prompts": args.prompts,
         "responses": args.responses,
         "tokens": tokens,

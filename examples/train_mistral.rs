@@ -130,6 +130,10 @@ struct Args {
     /// device's free memory.
     #[arg(long, value_enum, default_value_t = Recompute::Auto)]
     recompute: Recompute,
+    /// Run each prompt's layers once for all its responses (prefix sharing: same values and
+    /// gradients, fewer positions through the layers; no recomputation).
+    #[arg(long)]
+    share_prompts: bool,
     /// Response positions whose logits are materialized at once.
     #[arg(long, default_value_t = ScoringConfig::new(2).chunk_size)]
     chunk_size: i64,
@@ -210,6 +214,7 @@ fn run(args: Args) -> anyhow::Result<()> {
             ..ScoringConfig::new(model.config().eos_token_id)
         },
         pad_id: model.config().eos_token_id,
+        share_prompts: args.share_prompts,
     };
     println!(
         "device {device:?}, {kind:?} weights, loss {}, {} trainable parameters ({}), {} train / {} eval prompts",

@@ -613,3 +613,130 @@ fn right_padded_attention_without_a_mask_equals_the_masked_path() {
         }
     }
 }
+
+/// Prefix sharing: each prompt's layers run once for its K responses, and the hidden states
+/// that score the responses, and every weight's gradient through them, equal those of the
+/// plain pass over prompt + response (f32, 1e-5), with and without a binding sliding window,
+/// for prompts of different lengths and an empty response slot.
+#[test]
+fn prefix_sharing_equals_the_plain_pass_in_values_and_gradients() {
+    use refa_loss::mistral::SharedPrefixBatch;
+    let _rng = torch_rng();
+    let base = MistralConfig::from_file(fixture("mistral/sliding/config.json")).expect("config");
+    let prompts: [&[i64]; 2] = [&[1, 7, 9, 4, 12], &[1, 5, 3]];
+    let responses: [[&[i64]; 3]; 2] = [
+        [&[8, 6, 2], &[10, 11, 13, 14, 2], &[15, 2]],
+        [&[4, 4, 4, 2], &[], &[9, 2]],
+    ];
+    for window in [None, Some(4)] {
+        let config = MistralConfig {
+            sliding_window: window,
+            ..base.clone()
+        };
+        let model = Mistral::new(config, Device::Cpu, Kind::Float, None).expect("model");
+        model.init_random(23);
+        let k = 3usize;
+        let prompt_width = prompts.iter().map(|p| p.len()).max().unwrap();
+        let response_width = responses.iter().flatten().map(|r| r.len()).max().unwrap();
+        let full_width = prompts
+            .iter()
+            .zip(&responses)
+            .flat_map(|(p, rs)| rs.iter().map(move |r| p.len() + r.len()))
+            .max()
+            .unwrap();
+        let rows = prompts.len() * k;
+        let (mut p_ids, mut r_ids, mut r_mask) = (
+            vec![2i64; prompts.len() * prompt_width],
+            vec![2i64; rows * response_width],
+            vec![0i64; rows * response_width],
+        );
+        let (mut f_ids, mut f_mask) =
+            (vec![2i64; rows * full_width], vec![0i64; rows * full_width]);
+        for (p, prompt) in prompts.iter().enumerate() {
+            p_ids[p * prompt_width..p * prompt_width + prompt.len()].copy_from_slice(prompt);
+            for (j, response) in responses[p].iter().enumerate() {
+                let row = p * k + j;
+                for (t, &id) in response.iter().enumerate() {
+                    r_ids[row * response_width + t] = id;
+                    r_mask[row * response_width + t] = 1;
+                }
+                for (t, &id) in prompt.iter().chain(response.iter()).enumerate() {
+                    f_ids[row * full_width + t] = id;
+                    f_mask[row * full_width + t] = 1;
+                }
+            }
+        }
+        let grid = |v: &[i64], w: usize, n: usize| Tensor::from_slice(v).view([n as i64, w as i64]);
+        let batch = SharedPrefixBatch {
+            prompt_ids: grid(&p_ids, prompt_width, prompts.len()),
+            prompt_lengths: prompts.iter().map(|p| p.len() as i64).collect(),
+            response_ids: grid(&r_ids, response_width, rows),
+            response_mask: grid(&r_mask, response_width, rows),
+        };
+        // Which shared positions are read: the last prompt token and each response token but
+        // the last (those predict the response's tokens).
+        let hidden_size = model.config().hidden_size;
+        let mut read = vec![0f32; rows * (1 + response_width)];
+        let mut plain_index = vec![0i64; rows * (1 + response_width)];
+        for (p, prompt) in prompts.iter().enumerate() {
+            for (j, response) in responses[p].iter().enumerate() {
+                let row = p * k + j;
+                for t in 0..response.len() {
+                    read[row * (1 + response_width) + t] = 1.0;
+                    plain_index[row * (1 + response_width) + t] = (prompt.len() - 1 + t) as i64;
+                }
+            }
+        }
+        tch::manual_seed(6);
+        let probe = Tensor::randn(
+            [rows as i64, 1 + response_width as i64, hidden_size],
+            (Kind::Float, Device::Cpu),
+        ) * Tensor::from_slice(&read).view([rows as i64, 1 + response_width as i64, 1]);
+        let gradients = |hidden: Tensor| {
+            for t in model.var_store().trainable_variables() {
+                let mut g = t.grad();
+                if g.defined() {
+                    let _ = g.zero_();
+                }
+            }
+            (&hidden * &probe).sum(Kind::Float).backward();
+            let mut grads: Vec<(String, Tensor)> = model
+                .var_store()
+                .variables()
+                .into_iter()
+                .filter(|(_, t)| t.grad().defined())
+                .map(|(n, t)| (n, t.grad().copy()))
+                .collect();
+            grads.sort_by(|a, b| a.0.cmp(&b.0));
+            ((hidden * &probe.ne(0.0)).detach(), grads)
+        };
+        let (shared, shared_grads) =
+            gradients(model.forward_shared_prefix(&batch, false).expect("shared"));
+        let plain = model
+            .forward_pass(
+                &grid(&f_ids, full_width, rows),
+                &grid(&f_mask, full_width, rows),
+                &ForwardOptions::default(),
+            )
+            .expect("plain")
+            .hidden;
+        let index = Tensor::from_slice(&plain_index)
+            .view([rows as i64, 1 + response_width as i64, 1])
+            .expand([rows as i64, 1 + response_width as i64, hidden_size], false);
+        let (plain, plain_grads) = gradients(plain.gather(1, &index, false));
+        let worst = (&shared - &plain).abs().max().double_value(&[]);
+        assert!(
+            worst < 1e-5,
+            "window {window:?}: hidden states differ by {worst:e}"
+        );
+        assert_eq!(shared_grads.len(), plain_grads.len());
+        for ((name, a), (_, b)) in shared_grads.iter().zip(&plain_grads) {
+            let scale = b.abs().max().double_value(&[]).max(1.0);
+            let worst = (a - b).abs().max().double_value(&[]) / scale;
+            assert!(
+                worst < 1e-5,
+                "window {window:?}, {name}: gradients differ by {worst:e}"
+            );
+        }
+    }
+}

@@ -92,6 +92,7 @@ fn config(output_dir: &Path, max_steps: i64) -> TrainConfig {
         recompute: Recompute::All,
         scoring: ScoringConfig::new(2),
         pad_id: 2,
+        share_prompts: false,
     }
 }
 
@@ -528,4 +529,42 @@ fn streaming_save_writes_byte_identical_files() {
         .expect("in memory");
         assert_eq!(std::fs::read(&path).expect("read"), in_memory, "{kind:?}");
     }
+}
+
+/// Prefix sharing trains exactly as the plain layout does: the same losses and the same
+/// weights after three steps (f32, no dropout), in fewer padded positions.
+#[test]
+fn prefix_sharing_trains_like_the_plain_layout() {
+    let _rng = torch_rng();
+    let run = |share_prompts: bool| {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let config = TrainConfig {
+            share_prompts,
+            ..config(dir.path(), 3)
+        };
+        let mut trainer = sample_trainer(9, config);
+        let steps: Vec<_> = (0..3)
+            .map(|_| trainer.train_step().expect("step"))
+            .collect();
+        let weights =
+            trainer.model().var_store().variables()["model.layers.0.mlp.up_proj.weight"].copy();
+        (steps, weights)
+    };
+    let (plain, plain_weights) = run(false);
+    let (shared, shared_weights) = run(true);
+    for (a, b) in plain.iter().zip(&shared) {
+        assert!(
+            (a.loss - b.loss).abs() < 1e-5,
+            "step {}: {} vs {}",
+            a.step,
+            a.loss,
+            b.loss
+        );
+        assert!((a.grad_norm - b.grad_norm).abs() < 1e-4 * a.grad_norm.max(1.0));
+    }
+    let worst = (&plain_weights - &shared_weights)
+        .abs()
+        .max()
+        .double_value(&[]);
+    assert!(worst < 1e-5, "weights differ by {worst:e}");
 }

@@ -8,6 +8,7 @@ use tch::{Device, Tensor};
 use crate::data::examples::TokenizedExample;
 use crate::device::upload;
 use crate::error::{RefaError, Result};
+use crate::mistral::SharedPrefixBatch;
 
 /// `P` prompts with `K` response slots (`K` = the most responses of any prompt in the batch),
 /// flattened to `N = P·K` right-padded sequences of `T` tokens.
@@ -94,6 +95,132 @@ pub fn collate(examples: &[&TokenizedExample], pad_id: i64, device: Device) -> C
         padded_tokens: n * t,
         mean_response_length,
     }
+}
+
+/// A batch for prefix sharing ([`Mistral::forward_shared_prefix`]): each prompt once, its
+/// responses after it, and the labels that score them.
+///
+/// [`Mistral::forward_shared_prefix`]: crate::mistral::Mistral::forward_shared_prefix
+#[derive(Debug)]
+pub struct SharedCollated {
+    /// Prompts `[P, Lp]` and responses `[P·K, Lr]`, on the device.
+    pub batch: SharedPrefixBatch,
+    /// `[P·K, 1 + Lr]` labels on the host: −100 at position 0 (the prompt's last token),
+    /// then the response's tokens, −100 for padding and empty slots.
+    pub labels: Tensor,
+    /// `[P, K]` rewards (0 in empty slots).
+    pub rewards: Tensor,
+    /// `[P, K]` bool: the slot holds a response.
+    pub slot_mask: Tensor,
+    /// Tokens of the data, as the plain layout counts them (each response with its prompt).
+    pub tokens: i64,
+    /// Positions the layers process, padding included: `P·Lp + P·K·Lr`.
+    pub padded_tokens: i64,
+    /// Mean response length in tokens over the batch's responses.
+    pub mean_response_length: f64,
+}
+
+/// The prompt ids an example's responses share (its first response's).
+fn prompt_of(example: &TokenizedExample) -> &[i64] {
+    example.responses.first().map_or(&[], |r| &r.prompt)
+}
+
+/// Lays `examples` out for prefix sharing on `device`. Every response of an example must
+/// carry the same prompt ids (as the tokenizer produces them for one prompt).
+pub fn collate_shared(
+    examples: &[&TokenizedExample],
+    pad_id: i64,
+    device: Device,
+) -> Result<SharedCollated> {
+    let prompts = examples.len();
+    let slots = examples
+        .iter()
+        .map(|e| e.responses.len())
+        .max()
+        .unwrap_or(0);
+    for (i, example) in examples.iter().enumerate() {
+        if example
+            .responses
+            .iter()
+            .any(|r| r.prompt != prompt_of(example))
+        {
+            return Err(RefaError::config(
+                "tokenized data",
+                format!("example {i}: its responses carry different prompt ids, so the prompt cannot be shared"),
+            ));
+        }
+    }
+    let prompt_width = examples
+        .iter()
+        .map(|e| prompt_of(e).len())
+        .max()
+        .unwrap_or(1)
+        .max(1);
+    let response_width = examples
+        .iter()
+        .flat_map(|e| &e.responses)
+        .map(|r| r.response.len())
+        .max()
+        .unwrap_or(1)
+        .max(1);
+    let rows = prompts * slots;
+    let mut prompt_ids = vec![pad_id; prompts * prompt_width];
+    let mut prompt_lengths = Vec::with_capacity(prompts);
+    let mut response_ids = vec![pad_id; rows * response_width];
+    let mut response_mask = vec![0i64; rows * response_width];
+    let mut labels = vec![-100i64; rows * (1 + response_width)];
+    let mut rewards = vec![0f32; rows];
+    let mut slot_flags = vec![0f32; rows];
+    let mut tokens = 0i64;
+    for (p, example) in examples.iter().enumerate() {
+        let prompt = prompt_of(example);
+        prompt_ids[p * prompt_width..p * prompt_width + prompt.len()].copy_from_slice(prompt);
+        prompt_lengths.push(prompt.len().max(1) as i64);
+        for (k, (encoded, reward)) in example.responses.iter().zip(&example.rewards).enumerate() {
+            let row = p * slots + k;
+            let ids = &encoded.response;
+            response_ids[row * response_width..row * response_width + ids.len()]
+                .copy_from_slice(ids);
+            response_mask[row * response_width..row * response_width + ids.len()].fill(1);
+            let label_row = row * (1 + response_width);
+            labels[label_row + 1..label_row + 1 + ids.len()].copy_from_slice(ids);
+            rewards[row] = *reward as f32;
+            slot_flags[row] = 1.0;
+            tokens += (prompt.len() + ids.len()) as i64;
+        }
+    }
+    let responses: Vec<usize> = examples
+        .iter()
+        .flat_map(|e| e.responses.iter().map(|r| r.response.len()))
+        .collect();
+    let (rows_i, slots_i) = (rows as i64, slots as i64);
+    let response_grid = Tensor::from_slice(&[response_ids, response_mask].concat()).view([
+        2,
+        rows_i,
+        response_width as i64,
+    ]);
+    let response_grid = upload(&response_grid, device);
+    let per_slot =
+        Tensor::from_slice(&[rewards, slot_flags].concat()).view([2, prompts as i64, slots_i]);
+    let per_slot = upload(&per_slot, device);
+    Ok(SharedCollated {
+        batch: SharedPrefixBatch {
+            prompt_ids: upload(
+                &Tensor::from_slice(&prompt_ids).view([prompts as i64, prompt_width as i64]),
+                device,
+            ),
+            prompt_lengths,
+            response_ids: response_grid.get(0),
+            response_mask: response_grid.get(1),
+        },
+        labels: Tensor::from_slice(&labels).view([rows_i, 1 + response_width as i64]),
+        rewards: per_slot.get(0),
+        slot_mask: per_slot.get(1).gt(0.5),
+        tokens,
+        padded_tokens: (prompts * prompt_width + rows * response_width) as i64,
+        mean_response_length: responses.iter().sum::<usize>() as f64
+            / responses.len().max(1) as f64,
+    })
 }
 
 /// Splits off `fraction` of the examples (at least one when there are two or more) as a

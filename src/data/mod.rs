@@ -5,7 +5,7 @@ mod batches;
 mod examples;
 mod records;
 
-pub use batches::{collate, split_eval, Collated, DataOrder};
+pub use batches::{collate, collate_shared, split_eval, Collated, DataOrder, SharedCollated};
 pub use examples::{tokenize_all, tokenize_records, TokenizeReport, TokenizedExample};
 pub use records::{
     parse_jsonl, parse_jsonl_bytes, read_jsonl, DataFormat, PreferenceRecord, ReadReport,

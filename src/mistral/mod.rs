@@ -22,6 +22,7 @@ mod generate;
 mod layers;
 mod lora;
 mod model;
+mod prefix;
 mod recompute;
 mod tokenizer;
 
@@ -33,6 +34,7 @@ pub use config::{MistralConfig, RopeParameters};
 pub use generate::GenerationOptions;
 pub use lora::{LoraConfig, LoraTarget};
 pub use model::{ForwardOptions, Mistral, Padding};
+pub use prefix::SharedPrefixBatch;
 pub use recompute::ForwardPass;
 pub(crate) use tokenizer::check_token_limits;
 pub use tokenizer::{ChatTemplate, ChatTokenizer, Encoded};

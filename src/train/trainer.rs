@@ -8,9 +8,9 @@ use std::time::Instant;
 use tch::{Kind, Tensor};
 
 use crate::batch::PreferenceBatch;
-use crate::data::{collate, Collated, DataOrder, TokenizedExample};
+use crate::data::{collate, collate_shared, Collated, DataOrder, TokenizedExample};
 use crate::error::{RefaError, Result};
-use crate::loss::PreferenceLoss;
+use crate::loss::{LossMetrics, PreferenceLoss};
 use crate::mistral::{
     remove_folder_atomically, CheckpointFile, CheckpointReader, ForwardOptions, Mistral, Padding,
     SaveOptions,
@@ -56,6 +56,12 @@ pub struct TrainConfig {
     /// The token id that pads batches (Mistral: its EOS, 2). Padding is never attended by
     /// a token nor scored; the id must be inside the model's vocabulary.
     pub pad_id: i64,
+    /// Prefix sharing: run each prompt's layers once for all its responses
+    /// ([`Mistral::forward_shared_prefix`]) instead of once per response. Same values and
+    /// gradients; fewer positions through the layers (K = 4, prompts 30 % of the tokens:
+    /// about a fifth fewer), attention with an explicit mask. The layers then stay in the
+    /// graph (`recompute` does not apply). Default false.
+    pub share_prompts: bool,
 }
 
 impl Default for TrainConfig {
@@ -85,6 +91,7 @@ impl Default for TrainConfig {
             recompute: Recompute::Auto,
             scoring: ScoringConfig::new(2),
             pad_id: 2,
+            share_prompts: false,
         }
     }
 }
@@ -222,6 +229,14 @@ impl std::fmt::Debug for Trainer {
     }
 }
 
+/// What one micro-batch of a training step leaves for the step's single read.
+struct MicroBatch {
+    metrics: LossMetrics,
+    mean_length: f64,
+    tokens: i64,
+    padded_tokens: i64,
+}
+
 /// How a run ended.
 #[derive(Debug, Clone, PartialEq)]
 pub struct RunSummary {
@@ -329,35 +344,14 @@ impl Trainer {
         let (mut tokens, mut padded_tokens) = (0, 0);
         for _ in 0..self.config.accumulation_steps {
             let indices = self.order.next_batch(self.config.prompts_per_batch);
-            let batch = self.collate(&self.train, &indices);
-            let reference = self.reference_tensor(&indices, false, &batch);
-            let options = ForwardOptions {
-                train: true,
-                recompute: self.recompute,
-                padding: Padding::Right,
+            let micro = if self.config.share_prompts {
+                self.shared_micro_batch(&indices, scale)?
+            } else {
+                self.plain_micro_batch(&indices, scale)?
             };
-            let pass =
-                self.model
-                    .forward_pass(&batch.input_ids, &batch.attention_mask, &options)?;
-            let targets = PreferenceTargets {
-                rewards: &batch.rewards,
-                slot_mask: Some(&batch.slot_mask),
-                ref_logp_sum: reference.as_ref(),
-                loss_scale: scale,
-                value_checks: false,
-            };
-            let output = preference_loss_backward(
-                self.loss.as_ref(),
-                &pass.hidden,
-                self.model.lm_head_weight(),
-                &batch.labels,
-                &self.config.scoring,
-                &targets,
-            )?;
-            pass.finish_backward(&self.model)?;
-            outputs.push((output.metrics, batch.mean_response_length));
-            tokens += batch.tokens;
-            padded_tokens += batch.padded_tokens;
+            outputs.push((micro.metrics, micro.mean_length));
+            tokens += micro.tokens;
+            padded_tokens += micro.padded_tokens;
         }
         let norm = self.optimizer.clip_grad_norm(self.config.max_grad_norm)?;
         let lr = self.config.schedule.lr(step);
@@ -387,13 +381,79 @@ impl Trainer {
         Ok(metrics)
     }
 
+    /// Forward, loss and backward of one micro-batch, each response with its prompt.
+    fn plain_micro_batch(&self, indices: &[usize], scale: f64) -> Result<MicroBatch> {
+        let batch = self.collate(&self.train, indices);
+        let reference = self.reference_tensor(indices, false, &batch.rewards);
+        let options = ForwardOptions {
+            train: true,
+            recompute: self.recompute,
+            padding: Padding::Right,
+        };
+        let pass = self
+            .model
+            .forward_pass(&batch.input_ids, &batch.attention_mask, &options)?;
+        let targets = PreferenceTargets {
+            rewards: &batch.rewards,
+            slot_mask: Some(&batch.slot_mask),
+            ref_logp_sum: reference.as_ref(),
+            loss_scale: scale,
+            value_checks: false,
+        };
+        let output = preference_loss_backward(
+            self.loss.as_ref(),
+            &pass.hidden,
+            self.model.lm_head_weight(),
+            &batch.labels,
+            &self.config.scoring,
+            &targets,
+        )?;
+        pass.finish_backward(&self.model)?;
+        Ok(MicroBatch {
+            metrics: output.metrics,
+            mean_length: batch.mean_response_length,
+            tokens: batch.tokens,
+            padded_tokens: batch.padded_tokens,
+        })
+    }
+
+    /// The same with each prompt's layers run once for its responses (prefix sharing).
+    fn shared_micro_batch(&self, indices: &[usize], scale: f64) -> Result<MicroBatch> {
+        let chosen: Vec<&TokenizedExample> = indices.iter().map(|&i| &self.train[i]).collect();
+        let device = self.model.lm_head_weight().device();
+        let batch = collate_shared(&chosen, self.config.pad_id, device)?;
+        let reference = self.reference_tensor(indices, false, &batch.rewards);
+        let hidden = self.model.forward_shared_prefix(&batch.batch, true)?;
+        let targets = PreferenceTargets {
+            rewards: &batch.rewards,
+            slot_mask: Some(&batch.slot_mask),
+            ref_logp_sum: reference.as_ref(),
+            loss_scale: scale,
+            value_checks: false,
+        };
+        let output = preference_loss_backward(
+            self.loss.as_ref(),
+            &hidden,
+            self.model.lm_head_weight(),
+            &batch.labels,
+            &self.config.scoring,
+            &targets,
+        )?;
+        Ok(MicroBatch {
+            metrics: output.metrics,
+            mean_length: batch.mean_response_length,
+            tokens: batch.tokens,
+            padded_tokens: batch.padded_tokens,
+        })
+    }
+
     /// Loss and metrics on the held-out examples, without gradients.
     pub fn evaluate(&mut self) -> Result<StepMetrics> {
         let mut accumulator = MetricsAccumulator::default();
         let indices: Vec<usize> = (0..self.eval.len()).collect();
         for chunk in indices.chunks(self.config.prompts_per_batch.max(1)) {
             let batch = self.collate(&self.eval, chunk);
-            let reference = self.reference_tensor(chunk, true, &batch);
+            let reference = self.reference_tensor(chunk, true, &batch.rewards);
             let summary = tch::no_grad(|| -> Result<_> {
                 let scores = score_batch(&self.model, &batch, &self.config.scoring)?;
                 let mut preference = scores.to_batch(&batch.rewards, Some(&batch.slot_mask))?;
@@ -596,11 +656,12 @@ impl Trainer {
         collate(&chosen, self.pad_id, self.model.lm_head_weight().device())
     }
 
-    /// `[P, K]` reference sums for the examples at `indices`, when the loss needs them.
-    fn reference_tensor(&self, indices: &[usize], eval: bool, batch: &Collated) -> Option<Tensor> {
+    /// `[P, K]` reference sums for the examples at `indices`, when the loss needs them, on
+    /// the device of the batch's `[P, K]` `rewards`.
+    fn reference_tensor(&self, indices: &[usize], eval: bool, rewards: &Tensor) -> Option<Tensor> {
         let (train, held) = self.reference.as_ref()?;
         let cache = if eval { held } else { train };
-        let slots = batch.rewards.size()[1] as usize;
+        let slots = rewards.size()[1] as usize;
         let mut values = vec![0f32; indices.len() * slots];
         for (p, &i) in indices.iter().enumerate() {
             for (k, v) in cache[i].iter().enumerate() {
@@ -610,7 +671,7 @@ impl Trainer {
         Some(
             Tensor::from_slice(&values)
                 .view([indices.len() as i64, slots as i64])
-                .to(batch.rewards.device()),
+                .to(rewards.device()),
         )
     }
 
@@ -716,6 +777,9 @@ pub(crate) fn score_batch(
 /// [`Recompute::Auto`] decided against the largest micro-batch the data can form (the
 /// longest sequence, padded, times the most responses, times the prompts per batch).
 fn resolve_recompute(model: &Mistral, train: &[TokenizedExample], config: &TrainConfig) -> bool {
+    if config.share_prompts {
+        return false; // the shared pass keeps its layers in the graph
+    }
     match config.recompute {
         Recompute::All => true,
         Recompute::None => false,
