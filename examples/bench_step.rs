@@ -19,6 +19,7 @@
 use std::path::PathBuf;
 use std::time::Instant;
 
+use anyhow::Context;
 use clap::{Parser, ValueEnum};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -95,17 +96,17 @@ enum DType {
 }
 
 fn main() {
-    if let Err(message) = run(Args::parse()) {
-        eprintln!("error: {message}");
+    if let Err(error) = run(Args::parse()) {
+        eprintln!("error: {error:#}");
         std::process::exit(1);
     }
 }
 
-fn run(args: Args) -> Result<(), String> {
+fn run(args: Args) -> anyhow::Result<()> {
     let device = match args.device {
         DeviceName::Cpu => Device::Cpu,
         DeviceName::Cuda if device::cuda_is_available() => Device::Cuda(0),
-        DeviceName::Cuda => return Err("--device cuda, but no CUDA device is visible".into()),
+        DeviceName::Cuda => anyhow::bail!("--device cuda, but no CUDA device is visible"),
     };
     let kind = match (args.dtype, device) {
         (Some(DType::F32), _) | (None, Device::Cpu) => Kind::Float,
@@ -113,7 +114,7 @@ fn run(args: Args) -> Result<(), String> {
     };
     let config = model_config(&args.model)?;
     if args.prompts == 0 || args.responses < 2 || args.tokens < 4 || args.steps == 0 {
-        return Err("need --prompts >= 1, --responses >= 2, --tokens >= 4, --steps >= 1".into());
+        anyhow::bail!("need --prompts >= 1, --responses >= 2, --tokens >= 4, --steps >= 1");
     }
     let examples = synthetic_batch(&args, &config);
     if let Some(dir) = &args.dump {
@@ -123,8 +124,7 @@ fn run(args: Args) -> Result<(), String> {
         rank: args.lora_rank,
         ..LoraConfig::default()
     });
-    let model =
-        Mistral::new(config.clone(), device, kind, lora.as_ref()).map_err(|e| e.to_string())?;
+    let model = Mistral::new(config.clone(), device, kind, lora.as_ref())?;
     model.init_random(args.seed as i64);
     let parameters: i64 = model
         .var_store()
@@ -182,23 +182,20 @@ fn run(args: Args) -> Result<(), String> {
         examples,
         Vec::new(),
         train_config,
-    )
-    .map_err(|e| e.to_string())?;
+    )?;
     for _ in 0..args.warmup {
-        trainer.train_step().map_err(|e| e.to_string())?;
+        trainer.train_step()?;
     }
-    device::reset_peak_memory(device).map_err(|e| e.to_string())?;
+    device::reset_peak_memory(device)?;
     let mut times = Vec::with_capacity(args.steps);
     for _ in 0..args.steps {
         let start = Instant::now();
-        trainer.train_step().map_err(|e| e.to_string())?;
+        trainer.train_step()?;
         times.push(start.elapsed().as_secs_f64());
     }
     let _ = std::fs::remove_dir_all(&scratch);
     let seconds = median(&mut times);
-    let peak = device::memory_stats(device)
-        .map_err(|e| e.to_string())?
-        .map(|s| s.peak_allocated);
+    let peak = device::memory_stats(device)?.map(|s| s.peak_allocated);
     let flops = 6.0 * parameters as f64 * tokens as f64 / seconds;
     let record = serde_json::json!({
         "name": args.name,
@@ -229,7 +226,7 @@ fn median(values: &mut [f64]) -> f64 {
 }
 
 /// The presets the benchmarks use; anything else is read as a config.json path.
-fn model_config(name: &str) -> Result<MistralConfig, String> {
+fn model_config(name: &str) -> anyhow::Result<MistralConfig> {
     let preset = |vocab: i64, hidden: i64, layers: i64, heads: i64, kv: i64, inter: i64| {
         serde_json::json!({
             "vocab_size": vocab, "hidden_size": hidden, "intermediate_size": inter,
@@ -249,9 +246,9 @@ fn model_config(name: &str) -> Result<MistralConfig, String> {
         "0.85b" => preset(32000, 2048, 16, 16, 4, 5632),
         // Mistral-7B v0.1's shape (sliding window off: sequences are shorter than 4096).
         "7b" => preset(32000, 4096, 32, 32, 8, 14336),
-        path => std::fs::read_to_string(path).map_err(|e| format!("{path}: {e}"))?,
+        path => std::fs::read_to_string(path).with_context(|| path.to_string())?,
     };
-    MistralConfig::from_json(&text).map_err(|e| e.to_string())
+    Ok(MistralConfig::from_json(&text)?)
 }
 
 /// `prompts` examples of `responses` random sequences each, ending with EOS.
@@ -291,16 +288,13 @@ fn dump(
     dir: &PathBuf,
     config: &MistralConfig,
     examples: &[TokenizedExample],
-) -> Result<(), String> {
-    std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+) -> anyhow::Result<()> {
+    std::fs::create_dir_all(dir).with_context(|| dir.display().to_string())?;
     let write = |name: &str, text: String| {
         let path = dir.join(name);
-        std::fs::write(&path, text).map_err(|e| format!("{}: {e}", path.display()))
+        std::fs::write(&path, text).with_context(|| path.display().to_string())
     };
-    write(
-        "config.json",
-        config.to_json("bfloat16").map_err(|e| e.to_string())?,
-    )?;
+    write("config.json", config.to_json("bfloat16")?)?;
     let prompts: Vec<serde_json::Value> = examples
         .iter()
         .map(|e| {

@@ -174,61 +174,84 @@ impl LossMetrics {
     /// Reduces every statistic on the device, copies them to the host at once and forms
     /// the means.
     pub fn summary(&self) -> Result<MetricsSummary> {
+        let device = self.loss.device();
+        let contrast = self.contrast_statistics();
+        let eos = match &self.eos {
+            Some((logp, valid)) => SumCount::of(&logp.exp(), valid),
+            None => SumCount::empty(device),
+        };
+        let regularizer = self.regularizer.as_ref().map_or_else(
+            || Tensor::zeros([], (Kind::Double, device)),
+            |r| r.to_kind(Kind::Double),
+        );
         let mut parts = vec![
             self.loss.shallow_clone(),
             self.prompts_used.to_kind(Kind::Double),
+            regularizer,
         ];
-        for stat in self.sum_counts() {
-            parts.extend([stat.sum, stat.count]);
+        for stat in [
+            &contrast.score_positive,
+            &contrast.score_negative,
+            &contrast.positive_mass,
+            &contrast.accuracy,
+            &eos,
+        ] {
+            parts.extend([stat.sum.shallow_clone(), stat.count.shallow_clone()]);
         }
-        if let Some(regularizer) = &self.regularizer {
-            parts.push(regularizer.to_kind(Kind::Double));
-        }
-        let values = Vec::<f64>::try_from(&Tensor::stack(&parts, 0).to_device(Device::Cpu))?;
-        let mean = |i: usize| (values[i + 1] > 0.0).then(|| values[i] / values[i + 1]);
-        let used = values[1].round() as u64;
-        let (score_positive, score_negative) = (mean(2), mean(4));
+        // Read back in the order pushed: one copy, no index arithmetic.
+        let host = Vec::<f64>::try_from(&Tensor::stack(&parts, 0).to_device(Device::Cpu))?;
+        let mut values = host.into_iter();
+        let mut next = || values.next().unwrap_or(f64::NAN);
+        let (loss, used, regularizer) = (next(), next().round() as u64, next());
+        let mut mean = || {
+            let (sum, count) = (next(), next());
+            (count > 0.0).then(|| sum / count)
+        };
+        let (score_positive, score_negative) = (mean(), mean());
+        let (positive_mass, accuracy, eos_probability) = (mean(), mean(), mean());
         Ok(MetricsSummary {
-            loss: values[0],
+            loss,
             prompts_used: used,
             prompts_skipped: (self.prompts_total as u64).saturating_sub(used),
             score_positive,
             score_negative,
             margin: score_positive.zip(score_negative).map(|(p, n)| p - n),
-            positive_mass: mean(6),
-            accuracy: mean(8),
-            eos_probability: mean(10),
-            regularizer: self.regularizer.as_ref().map(|_| values[12]),
+            positive_mass,
+            accuracy,
+            eos_probability,
+            regularizer: self.regularizer.as_ref().map(|_| regularizer),
         })
     }
 
-    /// Positive score, negative score, positive mass, correct ranking, EOS probability.
-    fn sum_counts(&self) -> [SumCount; 5] {
+    /// The contrast statistics as sums and counts (empty without a contrast).
+    fn contrast_statistics(&self) -> ContrastStatistics {
         let device = self.loss.device();
-        let eos = match &self.eos {
-            Some((logp, valid)) => SumCount::of(&logp.exp(), valid),
-            None => SumCount::empty(device),
-        };
         let Some(c) = &self.contrast else {
-            return [
-                SumCount::empty(device),
-                SumCount::empty(device),
-                SumCount::empty(device),
-                SumCount::empty(device),
-                eos,
-            ];
+            return ContrastStatistics {
+                score_positive: SumCount::empty(device),
+                score_negative: SumCount::empty(device),
+                positive_mass: SumCount::empty(device),
+                accuracy: SumCount::empty(device),
+            };
         };
         let active_slots = c.active.unsqueeze(1);
         let top = first_argmax(
             &c.scores
                 .masked_fill(&c.valid.logical_not(), f64::NEG_INFINITY),
         );
-        [
-            SumCount::of(&c.scores, &c.positive.logical_and(&active_slots)),
-            SumCount::of(&c.scores, &c.negative.logical_and(&active_slots)),
-            SumCount::of(&c.positive_mass, &c.active),
-            SumCount::of(&top.eq_tensor(&c.best), &c.active),
-            eos,
-        ]
+        ContrastStatistics {
+            score_positive: SumCount::of(&c.scores, &c.positive.logical_and(&active_slots)),
+            score_negative: SumCount::of(&c.scores, &c.negative.logical_and(&active_slots)),
+            positive_mass: SumCount::of(&c.positive_mass, &c.active),
+            accuracy: SumCount::of(&top.eq_tensor(&c.best), &c.active),
+        }
     }
+}
+
+/// The contrast statistics of [`LossMetrics::summary`], by name.
+struct ContrastStatistics {
+    score_positive: SumCount,
+    score_negative: SumCount,
+    positive_mass: SumCount,
+    accuracy: SumCount,
 }
