@@ -143,6 +143,7 @@ impl Task {
 }
 
 fn main() {
+    common::quiet_on_closed_pipe();
     common::exit_on_error(run(Args::parse()));
 }
 

@@ -53,6 +53,7 @@ struct Args {
 }
 
 fn main() {
+    common::quiet_on_closed_pipe();
     common::exit_on_error(run(Args::parse()));
 }
 

@@ -55,8 +55,9 @@ struct Args {
     /// Preference data, one JSON object per line. Default: the bundled sample (64 prompts × 4).
     #[arg(long)]
     data: Option<PathBuf>,
-    /// Line format of --data.
-    #[arg(long, value_enum, default_value_t = DataFormat::Simple)]
+    /// Line format of --data (a JSONL file or a folder of *.jsonl shards); `auto` tells each
+    /// line's format from its keys.
+    #[arg(long, value_enum, default_value_t = DataFormat::Auto)]
     format: DataFormat,
     /// UltraFeedback score used as the reward.
     #[arg(long, value_enum, default_value_t = ScoreField::Overall)]
@@ -165,6 +166,7 @@ struct Args {
 }
 
 fn main() {
+    common::quiet_on_closed_pipe();
     common::exit_on_error(run(Args::parse()));
 }
 

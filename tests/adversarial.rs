@@ -572,6 +572,14 @@ fn a_stale_reference_cache_is_rebuilt_not_reused() {
     );
 }
 
+const ALL_FORMATS: [DataFormat; 5] = [
+    DataFormat::Auto,
+    DataFormat::Simple,
+    DataFormat::UltraFeedback,
+    DataFormat::MultiResponse,
+    DataFormat::Pairwise,
+];
+
 fn json_value() -> impl Strategy<Value = serde_json::Value> {
     let leaf = prop_oneof![
         Just(serde_json::Value::Null),
@@ -588,7 +596,9 @@ fn json_value() -> impl Strategy<Value = serde_json::Value> {
             "completions",
             "response",
             "overall_score",
-            "fine-grained_score"
+            "fine-grained_score",
+            "user",
+            "assistant"
         ])
         .prop_map(serde_json::Value::from),
     ];
@@ -607,6 +617,13 @@ fn json_value() -> impl Strategy<Value = serde_json::Value> {
                         "response",
                         "overall_score",
                         "fine-grained_score",
+                        "all_generated_responses",
+                        "all_rm_scores",
+                        "chosen",
+                        "rejected",
+                        "score_chosen",
+                        "role",
+                        "content",
                         "other"
                     ]),
                     inner
@@ -629,7 +646,7 @@ proptest! {
     /// Arbitrary bytes never panic a reader: records, a named error, or skipped lines.
     #[test]
     fn arbitrary_bytes_never_panic_the_readers(bytes in prop::collection::vec(any::<u8>(), 0..400)) {
-        for format in [DataFormat::Simple, DataFormat::UltraFeedback] {
+        for format in ALL_FORMATS {
             for skip in [false, true] {
                 let _ = parse_jsonl_bytes(&bytes, "fuzz", format, ScoreField::Overall, skip);
             }
@@ -641,7 +658,7 @@ proptest! {
     #[test]
     fn arbitrary_json_never_panics_the_readers(values in prop::collection::vec(json_value(), 1..5)) {
         let text: String = values.iter().map(|v| format!("{v}\n")).collect();
-        for format in [DataFormat::Simple, DataFormat::UltraFeedback] {
+        for format in ALL_FORMATS {
             for score in [ScoreField::Overall, ScoreField::FineGrained] {
                 if let Ok(report) = parse_jsonl_bytes(text.as_bytes(), "fuzz", format, score, true) {
                     for record in report.records {

@@ -568,3 +568,103 @@ fn prefix_sharing_trains_like_the_plain_layout() {
         .double_value(&[]);
     assert!(worst < 1e-5, "weights differ by {worst:e}");
 }
+
+/// The dataset layouts people download, read by name and by `auto`, from a folder of shards:
+/// multi-response sets with reward-model scores, pairs as strings or message lists (with
+/// and without scores), the simple and the UltraFeedback layouts; a prompt with a system
+/// message is refused by line (the built-in templates have no system turn).
+#[test]
+fn hub_dataset_layouts_are_read_by_name_and_by_auto() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let shards = dir.path().join("data");
+    std::fs::create_dir_all(&shards).expect("folder");
+    let multi = r#"{"prompt": "Name a colour.", "all_generated_responses": ["Red.", "Blue is one.", "Green"], "all_rm_scores": [0.5, 2.25, -1.0]}"#;
+    let pair_text = r#"{"prompt": "2+2?", "chosen": "4", "rejected": "5", "score_chosen": 9.0, "score_rejected": 2.0}"#;
+    let pair_messages = r#"{"prompt": "Hi", "chosen": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}], "rejected": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Go away."}]}"#;
+    let simple = r#"{"prompt": [{"role": "user", "content": "Why?"}], "responses": [{"text": "Because.", "score": 1}, {"text": "No idea.", "score": 0}]}"#;
+    std::fs::write(
+        shards.join("train-00000-of-00002.jsonl"),
+        format!("{multi}\n{pair_text}\n"),
+    )
+    .expect("shard");
+    std::fs::write(
+        shards.join("train-00001-of-00002.jsonl"),
+        format!("{pair_messages}\n{simple}\n"),
+    )
+    .expect("shard");
+    std::fs::write(shards.join("README.md"), "not data").expect("other file");
+    let report = read_jsonl(&shards, DataFormat::Auto, ScoreField::Overall, false).expect("auto");
+    let summary: Vec<(String, Vec<(String, f64)>)> = report
+        .records
+        .iter()
+        .map(|r| {
+            (
+                r.prompt.clone(),
+                r.responses
+                    .iter()
+                    .map(|x| (x.text.clone(), x.score))
+                    .collect(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        summary,
+        vec![
+            (
+                "Name a colour.".into(),
+                vec![
+                    ("Red.".into(), 0.5),
+                    ("Blue is one.".into(), 2.25),
+                    ("Green".into(), -1.0)
+                ]
+            ),
+            ("2+2?".into(), vec![("4".into(), 9.0), ("5".into(), 2.0)]),
+            (
+                "Hi".into(),
+                vec![("Hello!".into(), 1.0), ("Go away.".into(), 0.0)]
+            ),
+            (
+                "Why?".into(),
+                vec![("Because.".into(), 1.0), ("No idea.".into(), 0.0)]
+            ),
+        ]
+    );
+    let by_name = parse_jsonl(
+        multi,
+        "m",
+        DataFormat::MultiResponse,
+        ScoreField::Overall,
+        false,
+    )
+    .expect("multi");
+    assert_eq!(by_name.records[0].responses.len(), 3);
+    let wrong =
+        parse_jsonl(multi, "m", DataFormat::Pairwise, ScoreField::Overall, false).unwrap_err();
+    assert!(wrong.to_string().contains("m, line 1"), "{wrong}");
+    let mismatched =
+        r#"{"prompt": "p", "all_generated_responses": ["a", "b"], "all_rm_scores": [1.0]}"#;
+    let err = parse_jsonl(
+        mismatched,
+        "m",
+        DataFormat::Auto,
+        ScoreField::Overall,
+        false,
+    )
+    .unwrap_err();
+    assert!(
+        err.to_string().contains("2 responses but 1 scores"),
+        "{err}"
+    );
+    let system = r#"{"prompt": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}], "chosen": "Hi.", "rejected": "Hello there, how are you doing today?"}"#;
+    let err = parse_jsonl(system, "s", DataFormat::Auto, ScoreField::Overall, false).unwrap_err();
+    assert!(err.to_string().contains("system"), "{err}");
+    let skipped = parse_jsonl(
+        &format!("{system}\n{pair_text}\n"),
+        "s",
+        DataFormat::Auto,
+        ScoreField::Overall,
+        true,
+    )
+    .expect("skip");
+    assert_eq!((skipped.records.len(), skipped.skipped.len()), (1, 1));
+}

@@ -108,6 +108,17 @@ pub fn load_for_inference(
     Ok((model, tokenizer))
 }
 
+/// A command-line tool whose output goes to a closed pipe (`… | head`) should end quietly,
+/// as C tools do, not panic in `println!`: restore SIGPIPE's default action, which Rust's
+/// runtime sets to "ignore".
+pub fn quiet_on_closed_pipe() {
+    // SAFETY: setting a signal's disposition to its default at the start of `main`, before
+    // any other thread exists.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
+}
+
 /// Runs `main`'s body, printing the error (with its causes) and exiting with status 1 on
 /// failure.
 pub fn exit_on_error<E: std::fmt::Display>(result: Result<(), E>) {

@@ -27,15 +27,27 @@ pub struct ScoredResponse {
 }
 
 /// Which line format a file holds.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 #[cfg_attr(feature = "trainer", derive(clap::ValueEnum))]
 pub enum DataFormat {
+    /// Each line's format from its keys: `completions` → UltraFeedback, `responses` →
+    /// simple, `all_generated_responses` → multi-response, `chosen` → pairwise. Default.
+    #[default]
+    Auto,
     /// UltraFeedback raw: `{"instruction": …, "completions": [{"response": …,
     /// "overall_score": …, "fine-grained_score": …, "annotations": …}, …]}`.
     #[cfg_attr(feature = "trainer", value(name = "ultrafeedback"))]
     UltraFeedback,
     /// `{"prompt": …, "responses": [{"text": …, "score": …}, …]}`.
     Simple,
+    /// On-policy sets scored by a reward model (SimPO's and REFA v4's K = 5 data):
+    /// `{"prompt": …, "all_generated_responses": [string, …], "all_rm_scores": [float, …]}`.
+    MultiResponse,
+    /// Pairs (HuggingFaceH4/ultrafeedback_binarized): `{"prompt": …, "chosen": …,
+    /// "rejected": …}` where `chosen` and `rejected` are strings or message lists
+    /// (`[{"role", "content"}]`, the last assistant message is the response), with optional
+    /// `score_chosen` and `score_rejected` (default 1 and 0).
+    Pairwise,
 }
 
 /// Which UltraFeedback score is the reward.
@@ -50,7 +62,7 @@ pub enum ScoreField {
 }
 
 /// What reading a file produced.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Default)]
 pub struct ReadReport {
     /// The records, in file order.
     pub records: Vec<PreferenceRecord>,
@@ -58,9 +70,11 @@ pub struct ReadReport {
     pub skipped: Vec<(usize, String)>,
 }
 
-/// Reads a JSONL file. A malformed line (bad JSON, missing fields, a score that is not a
+/// Reads a JSONL file, or every `*.jsonl` file of a folder in name order (the shards of a
+/// downloaded dataset). A malformed line (bad JSON, missing fields, a score that is not a
 /// finite number, bytes that are not UTF-8) is a [`RefaError::Data`] naming the file and the
-/// line, unless `skip_bad_lines`, which skips and reports it. Empty lines are ignored.
+/// line, unless `skip_bad_lines`, which skips and reports it (with its file, for a folder).
+/// Empty lines are ignored.
 pub fn read_jsonl(
     path: impl AsRef<Path>,
     format: DataFormat,
@@ -68,14 +82,43 @@ pub fn read_jsonl(
     skip_bad_lines: bool,
 ) -> Result<ReadReport> {
     let path = path.as_ref();
-    let bytes = std::fs::read(path).map_err(|e| RefaError::io(path, &e))?;
-    parse_jsonl_bytes(
-        &bytes,
-        &path.display().to_string(),
-        format,
-        score,
-        skip_bad_lines,
-    )
+    let files = data_files(path)?;
+    let mut report = ReadReport::default();
+    for file in &files {
+        let bytes = std::fs::read(file).map_err(|e| RefaError::io(file, &e))?;
+        let source = file.display().to_string();
+        let part = parse_jsonl_bytes(&bytes, &source, format, score, skip_bad_lines)?;
+        report.records.extend(part.records);
+        report.skipped.extend(
+            part.skipped
+                .into_iter()
+                .map(|(line, why)| match files.len() {
+                    1 => (line, why),
+                    _ => (line, format!("{source}: {why}")),
+                }),
+        );
+    }
+    Ok(report)
+}
+
+/// `path` itself, or the `*.jsonl` files of the folder `path` in name order (at least one).
+fn data_files(path: &Path) -> Result<Vec<std::path::PathBuf>> {
+    if !path.is_dir() {
+        return Ok(vec![path.to_path_buf()]);
+    }
+    let entries = std::fs::read_dir(path).map_err(|e| RefaError::io(path, &e))?;
+    let mut files: Vec<std::path::PathBuf> = entries
+        .filter_map(|e| Some(e.ok()?.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "jsonl"))
+        .collect();
+    files.sort();
+    if files.is_empty() {
+        return Err(RefaError::config(
+            path,
+            "a data folder without any *.jsonl file",
+        ));
+    }
+    Ok(files)
 }
 
 /// [`read_jsonl`] on text already in memory; `source` names it in errors.
@@ -131,9 +174,17 @@ fn parse_line(
     format: DataFormat,
     score: ScoreField,
 ) -> std::result::Result<PreferenceRecord, String> {
+    let value: Value = serde_json::from_str(line).map_err(|e| e.to_string())?;
+    let format = match format {
+        DataFormat::Auto => detect(&value)?,
+        format => format,
+    };
+    let typed = |e: serde_json::Error| e.to_string();
     match format {
+        // `detect` never answers Auto.
+        DataFormat::Auto => Err("the format could not be detected".to_string()),
         DataFormat::Simple => {
-            let record: SimpleLine = serde_json::from_str(line).map_err(|e| e.to_string())?;
+            let record: SimpleLine = serde_json::from_value(value).map_err(typed)?;
             let responses = record
                 .responses
                 .into_iter()
@@ -143,13 +194,12 @@ fn parse_line(
                 })
                 .collect();
             Ok(PreferenceRecord {
-                prompt: record.prompt,
+                prompt: record.prompt.text()?,
                 responses,
             })
         }
         DataFormat::UltraFeedback => {
-            let record: UltraFeedbackLine =
-                serde_json::from_str(line).map_err(|e| e.to_string())?;
+            let record: UltraFeedbackLine = serde_json::from_value(value).map_err(typed)?;
             let responses = record
                 .completions
                 .into_iter()
@@ -166,13 +216,142 @@ fn parse_line(
                 responses,
             })
         }
+        DataFormat::MultiResponse => {
+            let record: MultiResponseLine = serde_json::from_value(value).map_err(typed)?;
+            if record.all_generated_responses.len() != record.all_rm_scores.len() {
+                return Err(format!(
+                    "{} responses but {} scores",
+                    record.all_generated_responses.len(),
+                    record.all_rm_scores.len()
+                ));
+            }
+            let responses = record
+                .all_generated_responses
+                .into_iter()
+                .zip(record.all_rm_scores)
+                .map(|(text, score)| {
+                    finite_score("all_rm_scores", score).map(|score| ScoredResponse { text, score })
+                })
+                .collect::<std::result::Result<_, String>>()?;
+            Ok(PreferenceRecord {
+                prompt: record.prompt.text()?,
+                responses,
+            })
+        }
+        DataFormat::Pairwise => {
+            let record: PairwiseLine = serde_json::from_value(value).map_err(typed)?;
+            let response = |field: &str, turn: Turn, score: Option<f64>, default: f64| {
+                Ok::<_, String>(ScoredResponse {
+                    text: turn.response(field)?,
+                    score: finite_score(field, score.unwrap_or(default))?,
+                })
+            };
+            let responses = vec![
+                response("chosen", record.chosen, record.score_chosen, 1.0)?,
+                response("rejected", record.rejected, record.score_rejected, 0.0)?,
+            ];
+            Ok(PreferenceRecord {
+                prompt: record.prompt.text()?,
+                responses,
+            })
+        }
+    }
+}
+
+/// The format of one line, from its keys.
+fn detect(value: &Value) -> std::result::Result<DataFormat, String> {
+    let has = |key: &str| value.get(key).is_some();
+    Ok(if has("completions") {
+        DataFormat::UltraFeedback
+    } else if has("all_generated_responses") {
+        DataFormat::MultiResponse
+    } else if has("chosen") {
+        DataFormat::Pairwise
+    } else if has("responses") {
+        DataFormat::Simple
+    } else {
+        return Err("no known format: expected `completions`, `responses`, \
+                    `all_generated_responses` or `chosen`"
+            .to_string());
+    })
+}
+
+fn finite_score(field: &str, score: f64) -> std::result::Result<f64, String> {
+    if score.is_finite() {
+        Ok(score)
+    } else {
+        Err(format!("`{field}` holds {score}, not a finite number"))
+    }
+}
+
+/// A chat message.
+#[derive(Deserialize)]
+struct Message {
+    role: String,
+    content: String,
+}
+
+/// A prompt or a response: plain text, or messages.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum Turn {
+    Text(String),
+    Messages(Vec<Message>),
+}
+
+impl Turn {
+    /// A prompt's text: the text itself, or a single user message. System prompts and
+    /// multi-turn conversations need the chat template of a checkpoint, which the built-in
+    /// templates are not: they are refused rather than flattened.
+    fn text(self) -> std::result::Result<String, String> {
+        match self {
+            Turn::Text(text) => Ok(text),
+            Turn::Messages(mut messages) => match messages.as_slice() {
+                [only] if only.role == "user" => Ok(messages.remove(0).content),
+                _ => Err(format!(
+                    "a prompt of {} messages (roles {:?}): only a single user message is supported with the built-in chat templates",
+                    messages.len(),
+                    messages.iter().map(|m| m.role.as_str()).collect::<Vec<_>>()
+                )),
+            },
+        }
+    }
+
+    /// A response: the text itself, or the content of the last message, which must be the
+    /// assistant's.
+    fn response(self, field: &str) -> std::result::Result<String, String> {
+        match self {
+            Turn::Text(text) => Ok(text),
+            Turn::Messages(mut messages) => match messages.pop() {
+                Some(last) if last.role == "assistant" => Ok(last.content),
+                _ => Err(format!("`{field}` does not end with an assistant message")),
+            },
+        }
     }
 }
 
 #[derive(Deserialize)]
 struct SimpleLine {
-    prompt: String,
+    prompt: Turn,
     responses: Vec<SimpleResponse>,
+}
+
+#[derive(Deserialize)]
+struct MultiResponseLine {
+    prompt: Turn,
+    all_generated_responses: Vec<String>,
+    all_rm_scores: Vec<f64>,
+}
+
+#[derive(Deserialize)]
+struct PairwiseLine {
+    prompt: Turn,
+    chosen: Turn,
+    rejected: Turn,
+    #[serde(default)]
+    score_chosen: Option<f64>,
+    #[serde(default)]
+    score_rejected: Option<f64>,
 }
 
 #[derive(Deserialize)]
