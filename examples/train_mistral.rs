@@ -23,7 +23,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use refa_loss::analysis::plot_history;
 use refa_loss::data::{split_eval, tokenize_records, DataFormat, ScoreField, TokenizedExample};
 use refa_loss::mistral::{
-    ChatTemplate, ChatTokenizer, LoraConfig, LoraTarget, Mistral, MistralConfig,
+    ChatTokenizer, LoraConfig, LoraTarget, Mistral, MistralConfig, TemplateChoice,
 };
 use refa_loss::scoring::ScoringConfig;
 use refa_loss::train::{
@@ -49,9 +49,10 @@ struct Args {
     /// tokenizer.json (default: the model folder's, or the bundled one).
     #[arg(long)]
     tokenizer: Option<PathBuf>,
-    /// Chat template that frames prompts and responses.
-    #[arg(long, value_enum, default_value_t = ChatTemplate::MistralInstruct)]
-    template: ChatTemplate,
+    /// Chat template that frames prompts and responses: `auto` takes the checkpoint's own
+    /// (tokenizer_config.json or chat_template.jinja) when it has one, else Mistral-instruct.
+    #[arg(long, value_enum, default_value_t = TemplateChoice::Auto)]
+    template: TemplateChoice,
     /// Preference data, one JSON object per line. Default: the bundled sample (64 prompts × 4).
     #[arg(long)]
     data: Option<PathBuf>,
@@ -300,13 +301,21 @@ fn load_model(
 
 fn load_tokenizer(args: &Args, config: &MistralConfig) -> anyhow::Result<ChatTokenizer> {
     let (bos, eos) = (config.bos_token_id, config.eos_token_id);
-    let tokenizer = match (&args.tokenizer, &args.model) {
-        (Some(path), _) => ChatTokenizer::from_file(path, args.template, bos, eos)?,
+    let builtin = args.template.builtin();
+    let mut tokenizer = match (&args.tokenizer, &args.model) {
+        (Some(path), _) => ChatTokenizer::from_file(path, builtin, bos, eos)?,
         (None, Some(model)) => {
-            ChatTokenizer::from_file(model.join("tokenizer.json"), args.template, bos, eos)?
+            ChatTokenizer::from_file(model.join("tokenizer.json"), builtin, bos, eos)?
         }
-        (None, None) => ChatTokenizer::from_json(SAMPLE_TOKENIZER, args.template, bos, eos)?,
+        (None, None) => ChatTokenizer::from_json(SAMPLE_TOKENIZER, builtin, bos, eos)?,
     };
+    if let Some(model) = &args.model {
+        tokenizer = tokenizer.with_checkpoint_template(model, args.template)?;
+        match tokenizer.jinja() {
+            Some(_) => println!("chat template: the checkpoint's own"),
+            None => println!("chat template: built-in {:?}", tokenizer.template()),
+        }
+    }
     tokenizer.check_fits(config.vocab_size)?;
     Ok(tokenizer)
 }

@@ -261,6 +261,50 @@ fn checkpoints_and_tokenizers_that_do_not_fit_the_model_are_refused() {
     );
 }
 
+/// A Hub-style folder (config, weights, tokenizer.json, tokenizer_config.json with a chat
+/// template) trains with its own template by default (Mistral-7B-Instruct-v0.1's here),
+/// refuses one that cannot split prompt and response, and takes a built-in one on request.
+#[test]
+fn a_checkpoint_with_its_own_chat_template_trains_with_it() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let model = model_folder(dir.path(), "hub-model", |_| {});
+    std::fs::copy(
+        repo_file("tests/fixtures/chat_template/mistral/tokenizer_config.json"),
+        model.join("tokenizer_config.json"),
+    )
+    .expect("template");
+    let out = dir.path().join("run");
+    let args = train_args(out.to_str().unwrap(), &["--model", model.to_str().unwrap()]);
+    let output = run("train_mistral", &args);
+    assert!(output.status.success(), "{}", text(&output.stderr));
+    assert!(
+        text(&output.stdout).contains("chat template: the checkpoint's own"),
+        "{}",
+        text(&output.stdout)
+    );
+    // A template whose generation prompt merges with the answer's first token under this
+    // tokenizer cannot be split: refused, never trained on misaligned.
+    std::fs::copy(
+        repo_file("tests/fixtures/chat_template/zephyr/tokenizer_config.json"),
+        model.join("tokenizer_config.json"),
+    )
+    .expect("template");
+    assert_refused(
+        &run("train_mistral", &args),
+        "not a token prefix",
+        "misaligned template",
+    );
+    let mut builtin = args.clone();
+    builtin.extend_from_slice(&["--template", "zephyr"]);
+    let output = run("train_mistral", &builtin);
+    assert!(output.status.success(), "{}", text(&output.stderr));
+    assert!(
+        text(&output.stdout).contains("chat template: built-in Zephyr"),
+        "{}",
+        text(&output.stdout)
+    );
+}
+
 #[test]
 fn generate_and_the_ursla_probe_refuse_what_they_cannot_answer() {
     let dir = tempfile::tempdir().expect("temp dir");

@@ -740,3 +740,97 @@ fn prefix_sharing_equals_the_plain_pass_in_values_and_gradients() {
         }
     }
 }
+
+/// A checkpoint's own chat template, rendered with minijinja, gives transformers'
+/// `apply_chat_template` ids token for token (tests/fixtures/chat_template, made by its
+/// script): Mistral-7B-Instruct-v0.1's template and a multi-line Zephyr-style one, for
+/// prompts and whole conversations (unicode, spaces, newlines, an empty answer).
+#[test]
+fn checkpoint_chat_templates_match_transformers_token_for_token() {
+    use refa_loss::mistral::{ChatMessage, JinjaTemplate, TemplateChoice};
+    let root = fixture("chat_template");
+    let expected: Vec<serde_json::Value> = serde_json::from_str(
+        &std::fs::read_to_string(root.join("expected.json")).expect("fixture"),
+    )
+    .expect("json");
+    let tokenizer_json = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/data/tokenizer.json");
+    let ids = |v: &serde_json::Value| -> Vec<i64> {
+        v.as_array()
+            .expect("ids")
+            .iter()
+            .map(|x| x.as_i64().expect("id"))
+            .collect()
+    };
+    let (mut split, mut refused) = (0, 0);
+    for case in &expected {
+        let name = case["template"].as_str().expect("name");
+        let tokenizer =
+            ChatTokenizer::from_file(&tokenizer_json, ChatTemplate::MistralInstruct, 1, 2)
+                .and_then(|t| t.with_checkpoint_template(&root.join(name), TemplateChoice::Auto))
+                .expect("tokenizer");
+        assert!(
+            tokenizer.jinja().is_some(),
+            "{name}: the checkpoint's template is used"
+        );
+        let (prompt, response) = (
+            case["prompt"].as_str().unwrap(),
+            case["response"].as_str().unwrap(),
+        );
+        assert_eq!(
+            tokenizer.encode_prompt(prompt).expect("prompt"),
+            ids(&case["prompt_ids"]),
+            "{name}: {prompt:?}"
+        );
+        let full = ids(&case["full_ids"]);
+        let result = tokenizer.encode(prompt, response, 4096, 8192);
+        if !full.starts_with(&ids(&case["prompt_ids"])) {
+            // transformers' own ids show the template re-tokenizes the prompt once an answer
+            // follows: the split is refused, never made misaligned.
+            let err = result.unwrap_err();
+            assert!(
+                err.to_string().contains("not a token prefix"),
+                "{name}: {err}"
+            );
+            refused += 1;
+            continue;
+        }
+        let encoded = result.expect("conversation");
+        let last_eos = full.iter().rposition(|&id| id == 2).expect("an EOS");
+        assert_eq!(
+            encoded.input_ids(),
+            full[..=last_eos].to_vec(),
+            "{name}: {prompt:?} -> {response:?}"
+        );
+        assert!(encoded.ends_with(2));
+        split += 1;
+    }
+    assert!(split >= 6, "{split} conversations split, {refused} refused");
+    // The template's own errors and a misaligned split are refused with a message.
+    let mistral = JinjaTemplate::from_checkpoint(&root.join("mistral"))
+        .expect("read")
+        .expect("template");
+    let err = mistral
+        .render(
+            &[
+                ChatMessage::new("system", "Be brief."),
+                ChatMessage::new("user", "Hi"),
+            ],
+            false,
+        )
+        .unwrap_err();
+    assert!(err.to_string().contains("roles must alternate"), "{err}");
+    let shifting = JinjaTemplate {
+        source: "{{ bos_token }}{% if messages|length > 1 %}[CHAT] {% endif %}{% for m in messages %}{{ m.content }}{% endfor %}{{ eos_token }}".into(),
+        ..mistral.clone()
+    };
+    let tokenizer = ChatTokenizer::from_file(&tokenizer_json, ChatTemplate::MistralInstruct, 1, 2)
+        .expect("tokenizer")
+        .with_jinja(shifting);
+    let err = tokenizer.encode("Question", "Answer", 64, 128).unwrap_err();
+    assert!(err.to_string().contains("not a token prefix"), "{err}");
+    // No template in a folder: the built-in one stays.
+    let plain = ChatTokenizer::from_file(&tokenizer_json, ChatTemplate::MistralInstruct, 1, 2)
+        .and_then(|t| t.with_checkpoint_template(&root, TemplateChoice::Auto))
+        .expect("tokenizer");
+    assert!(plain.jinja().is_none());
+}

@@ -1,4 +1,4 @@
-//! What the examples share: the chat-template flag, loading a checkpoint with its tokenizer
+//! What the examples share: the device and kind flags, loading a checkpoint with its tokenizer
 //! for inference, and reporting errors.
 #![allow(dead_code)]
 
@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use clap::ValueEnum;
 use refa_loss::data::{parse_jsonl, read_jsonl, DataFormat, ReadReport, ScoreField};
 use refa_loss::device;
-use refa_loss::mistral::{ChatTemplate, ChatTokenizer, Mistral};
+use refa_loss::mistral::{ChatTokenizer, Mistral, TemplateChoice};
 use tch::{Device, Kind};
 
 /// The bundled sample data (64 prompts × 4 scored responses).
@@ -78,8 +78,8 @@ pub struct CheckpointArgs {
     #[arg(long)]
     pub tokenizer: Option<PathBuf>,
     /// Chat template.
-    #[arg(long, value_enum, default_value_t = ChatTemplate::MistralInstruct)]
-    pub template: ChatTemplate,
+    #[arg(long, value_enum, default_value_t = TemplateChoice::Auto)]
+    pub template: TemplateChoice,
 }
 
 impl CheckpointArgs {
@@ -94,7 +94,7 @@ impl CheckpointArgs {
 pub fn load_for_inference(
     folder: &Path,
     tokenizer: Option<&Path>,
-    template: ChatTemplate,
+    template: TemplateChoice,
 ) -> anyhow::Result<(Mistral, ChatTokenizer)> {
     let device = device::cuda_if_available();
     let model = Mistral::from_pretrained(folder, device, device::default_kind(device), None)?;
@@ -102,8 +102,9 @@ pub fn load_for_inference(
         .map(Path::to_path_buf)
         .unwrap_or_else(|| folder.join("tokenizer.json"));
     let config = model.config();
-    let tokenizer =
-        ChatTokenizer::from_file(&path, template, config.bos_token_id, config.eos_token_id)?;
+    let (bos, eos) = (config.bos_token_id, config.eos_token_id);
+    let tokenizer = ChatTokenizer::from_file(&path, template.builtin(), bos, eos)?
+        .with_checkpoint_template(folder, template)?;
     tokenizer.check_fits(config.vocab_size)?;
     Ok((model, tokenizer))
 }

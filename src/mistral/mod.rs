@@ -19,6 +19,7 @@
 mod checkpoint;
 mod config;
 mod generate;
+mod jinja;
 mod layers;
 mod lora;
 mod model;
@@ -32,9 +33,10 @@ pub use checkpoint::{
 };
 pub use config::{MistralConfig, RopeParameters};
 pub use generate::GenerationOptions;
+pub use jinja::{ChatMessage, JinjaTemplate};
 pub use lora::{LoraConfig, LoraTarget};
 pub use model::{ForwardOptions, Mistral, Padding};
 pub use prefix::SharedPrefixBatch;
 pub use recompute::ForwardPass;
 pub(crate) use tokenizer::check_token_limits;
-pub use tokenizer::{ChatTemplate, ChatTokenizer, Encoded};
+pub use tokenizer::{ChatTemplate, ChatTokenizer, Encoded, TemplateChoice};

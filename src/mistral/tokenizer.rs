@@ -5,6 +5,7 @@ use std::path::Path;
 use tokenizers::Tokenizer;
 
 use crate::error::{RefaError, Result};
+use crate::mistral::jinja::{ChatMessage, JinjaTemplate};
 
 /// How a conversation turn becomes text.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -16,6 +17,30 @@ pub enum ChatTemplate {
     /// Zephyr (the SFT models of the paper's pipeline): `<s><|user|>\n{prompt}</s>\n<|assistant|>\n`
     /// then `{response}</s>`.
     Zephyr,
+}
+
+/// Which template frames the conversations: the checkpoint's own when it has one (`Auto`,
+/// the trainer's default), else a built-in one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[cfg_attr(feature = "trainer", derive(clap::ValueEnum))]
+pub enum TemplateChoice {
+    /// The checkpoint's `chat_template` when it has one, else Mistral-instruct.
+    #[default]
+    Auto,
+    /// The built-in Mistral-instruct template.
+    Mistral,
+    /// The built-in Zephyr template.
+    Zephyr,
+}
+
+impl TemplateChoice {
+    /// The built-in template this choice falls back to.
+    pub fn builtin(self) -> ChatTemplate {
+        match self {
+            TemplateChoice::Zephyr => ChatTemplate::Zephyr,
+            _ => ChatTemplate::MistralInstruct,
+        }
+    }
 }
 
 impl ChatTemplate {
@@ -61,6 +86,7 @@ impl Encoded {
 pub struct ChatTokenizer {
     tokenizer: Tokenizer,
     template: ChatTemplate,
+    jinja: Option<JinjaTemplate>,
     bos_id: i64,
     eos_id: i64,
 }
@@ -88,6 +114,7 @@ impl ChatTokenizer {
         Ok(ChatTokenizer {
             tokenizer,
             template,
+            jinja: None,
             bos_id,
             eos_id,
         })
@@ -101,9 +128,33 @@ impl ChatTokenizer {
         Ok(ChatTokenizer {
             tokenizer,
             template,
+            jinja: None,
             bos_id,
             eos_id,
         })
+    }
+
+    /// Frames conversations with `template` (a checkpoint's own) instead of the built-in one.
+    pub fn with_jinja(mut self, template: JinjaTemplate) -> Self {
+        self.jinja = Some(template);
+        self
+    }
+
+    /// With [`TemplateChoice::Auto`], the chat template of the checkpoint `folder` when it
+    /// has one ([`JinjaTemplate::from_checkpoint`]); otherwise unchanged.
+    pub fn with_checkpoint_template(self, folder: &Path, choice: TemplateChoice) -> Result<Self> {
+        if choice != TemplateChoice::Auto {
+            return Ok(self);
+        }
+        Ok(match JinjaTemplate::from_checkpoint(folder)? {
+            Some(template) => self.with_jinja(template),
+            None => self,
+        })
+    }
+
+    /// The checkpoint's template, when one frames the conversations.
+    pub fn jinja(&self) -> Option<&JinjaTemplate> {
+        self.jinja.as_ref()
     }
 
     /// Plain text to ids, without special tokens added (markers written in the text, such as
@@ -127,8 +178,13 @@ impl ChatTokenizer {
             .map_err(|e| RefaError::config("tokenizer.json", e))
     }
 
-    /// The prompt as the template frames it, BOS first.
+    /// The prompt as the template frames it, BOS first (with a checkpoint's template: the
+    /// user turn rendered with `add_generation_prompt`, as the template prints it).
     pub fn encode_prompt(&self, prompt: &str) -> Result<Vec<i64>> {
+        if let Some(jinja) = &self.jinja {
+            let turn = [ChatMessage::new("user", prompt)];
+            return self.encode_text(&jinja.render(&turn, true)?);
+        }
         let text = match self.template {
             ChatTemplate::MistralInstruct => format!("[INST] {} [/INST]", prompt.trim()),
             ChatTemplate::Zephyr => format!("<|user|>\n{}</s>\n<|assistant|>\n", prompt.trim()),
@@ -157,11 +213,68 @@ impl ChatTokenizer {
         max_total: usize,
     ) -> Result<Encoded> {
         check_token_limits(max_prompt, max_total)?;
-        let mut prompt = self.encode_prompt(prompt)?;
+        let (mut prompt, mut response) = match &self.jinja {
+            Some(jinja) => self.split_conversation(jinja, prompt, response)?,
+            None => (self.encode_prompt(prompt)?, self.encode_response(response)?),
+        };
         prompt.truncate(max_prompt.min(max_total - 1));
-        let mut response = self.encode_response(response)?;
         response.truncate(max_total.saturating_sub(prompt.len()));
         Ok(Encoded { prompt, response })
+    }
+
+    /// With a checkpoint's template: prompt ids = the user turn with the generation prompt,
+    /// full ids = the user and assistant turns; the response is the full sequence after the
+    /// prompt prefix, up to and including its last EOS (only whitespace may follow it). A
+    /// template that does not keep the prompt a token prefix of the conversation, or whose
+    /// assistant turn has no EOS, is refused: training on a misaligned split would teach the
+    /// wrong tokens.
+    fn split_conversation(
+        &self,
+        jinja: &JinjaTemplate,
+        prompt: &str,
+        response: &str,
+    ) -> Result<(Vec<i64>, Vec<i64>)> {
+        let prompt_ids = self.encode_prompt(prompt)?;
+        let turns = [
+            ChatMessage::new("user", prompt),
+            ChatMessage::new("assistant", response),
+        ];
+        let full = self.encode_text(&jinja.render(&turns, false)?)?;
+        if !full.starts_with(&prompt_ids) {
+            let at = prompt_ids
+                .iter()
+                .zip(&full)
+                .take_while(|(a, b)| a == b)
+                .count();
+            return Err(RefaError::config(
+                "chat_template",
+                format!(
+                    "the prompt is not a token prefix of the conversation (they differ at token {at}): \
+                     the template renders the user turn differently once an answer follows, so \
+                     prompt and response cannot be split"
+                ),
+            ));
+        }
+        let rest = &full[prompt_ids.len()..];
+        let end = rest
+            .iter()
+            .rposition(|&id| id == self.eos_id)
+            .ok_or_else(|| {
+                RefaError::config(
+                    "chat_template",
+                    format!(
+                        "the assistant turn does not end with the EOS token (id {})",
+                        self.eos_id
+                    ),
+                )
+            })?;
+        if !self.decode(&rest[end + 1..])?.trim().is_empty() {
+            return Err(RefaError::config(
+                "chat_template",
+                "text follows the assistant turn's EOS token; the response cannot end with EOS",
+            ));
+        }
+        Ok((prompt_ids, rest[..=end].to_vec()))
     }
 
     /// Tokens the tokenizer can produce, added tokens included.
