@@ -28,6 +28,14 @@ import transformers
 EOS = 2
 
 
+def load_config(folder):
+    """The MistralConfig of `folder/config.json`, with SDPA attention."""
+    with open(os.path.join(folder, "config.json")) as f:
+        config = transformers.MistralConfig(**json.load(f))
+    config._attn_implementation = "sdpa"
+    return config
+
+
 def build_batch(spec, vocab, device, seed):
     g = torch.Generator().manual_seed(seed)
     rows, labels, masks, rewards = [], [], [], []
@@ -101,9 +109,7 @@ def main():
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    with open(os.path.join(args.dir, "config.json")) as f:
-        config = transformers.MistralConfig(**json.load(f))
-    config._attn_implementation = "sdpa"
+    config = load_config(args.dir)
     with open(os.path.join(args.dir, "batch.json")) as f:
         spec = json.load(f)
     torch.manual_seed(0)

@@ -20,7 +20,7 @@ import safetensors.torch
 import torch
 import transformers
 
-from hf_step import build_batch, refa_dynamic
+from hf_step import build_batch, load_config, refa_dynamic
 
 GRADIENTS = [
     "model.norm.weight",
@@ -38,9 +38,7 @@ def main():
     parser.add_argument("--positions", type=int, default=16)
     args = parser.parse_args()
     device = torch.device(args.device)
-    with open(os.path.join(args.dir, "config.json")) as f:
-        config = transformers.MistralConfig(**json.load(f))
-    config._attn_implementation = "sdpa"
+    config = load_config(args.dir)
     with open(os.path.join(args.dir, "batch.json")) as f:
         spec = json.load(f)
     folder = os.path.join(args.dir, "model")

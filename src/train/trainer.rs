@@ -393,21 +393,8 @@ impl Trainer {
         let pass = self
             .model
             .forward_pass(&batch.input_ids, &batch.attention_mask, &options)?;
-        let targets = PreferenceTargets {
-            rewards: &batch.rewards,
-            slot_mask: Some(&batch.slot_mask),
-            ref_logp_sum: reference.as_ref(),
-            loss_scale: scale,
-            value_checks: false,
-        };
-        let output = preference_loss_backward(
-            self.loss.as_ref(),
-            &pass.hidden,
-            self.model.lm_head_weight(),
-            &batch.labels,
-            &self.config.scoring,
-            &targets,
-        )?;
+        let scored = (&batch.labels, &batch.rewards, &batch.slot_mask);
+        let output = self.loss_backward(&pass.hidden, scored, reference.as_ref(), scale)?;
         pass.finish_backward(&self.model)?;
         Ok(MicroBatch {
             metrics: output.metrics,
@@ -424,27 +411,41 @@ impl Trainer {
         let batch = collate_shared(&chosen, self.config.pad_id, device)?;
         let reference = self.reference_tensor(indices, false, &batch.rewards);
         let hidden = self.model.forward_shared_prefix(&batch.batch, true)?;
-        let targets = PreferenceTargets {
-            rewards: &batch.rewards,
-            slot_mask: Some(&batch.slot_mask),
-            ref_logp_sum: reference.as_ref(),
-            loss_scale: scale,
-            value_checks: false,
-        };
-        let output = preference_loss_backward(
-            self.loss.as_ref(),
-            &hidden,
-            self.model.lm_head_weight(),
-            &batch.labels,
-            &self.config.scoring,
-            &targets,
-        )?;
+        let scored = (&batch.labels, &batch.rewards, &batch.slot_mask);
+        let output = self.loss_backward(&hidden, scored, reference.as_ref(), scale)?;
         Ok(MicroBatch {
             metrics: output.metrics,
             mean_length: batch.mean_response_length,
             tokens: batch.tokens,
             padded_tokens: batch.padded_tokens,
         })
+    }
+
+    /// Scores `hidden` against `(labels, rewards, slot_mask)`, computes the loss and sends
+    /// `scale ·` its gradient into the model; value checks are off (the step checks the
+    /// gradient norm once, at its end).
+    fn loss_backward(
+        &self,
+        hidden: &Tensor,
+        (labels, rewards, slot_mask): (&Tensor, &Tensor, &Tensor),
+        reference: Option<&Tensor>,
+        scale: f64,
+    ) -> Result<crate::loss::LossOutput> {
+        let targets = PreferenceTargets {
+            rewards,
+            slot_mask: Some(slot_mask),
+            ref_logp_sum: reference,
+            loss_scale: scale,
+            value_checks: false,
+        };
+        preference_loss_backward(
+            self.loss.as_ref(),
+            hidden,
+            self.model.lm_head_weight(),
+            labels,
+            &self.config.scoring,
+            &targets,
+        )
     }
 
     /// Loss and metrics on the held-out examples, without gradients.
