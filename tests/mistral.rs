@@ -834,3 +834,62 @@ fn checkpoint_chat_templates_match_transformers_token_for_token() {
         .expect("tokenizer");
     assert!(plain.jinja().is_none());
 }
+
+/// The built-in Mistral-instruct template against Mistral's own tokenization: for a dozen
+/// conversations (unicode, leading and trailing spaces, newlines, tabs, code, brackets), the
+/// prompt ids and prompt + response ids equal those of mistral-common's `encode_instruct`
+/// with Mistral-7B v0.1's vocabulary (tests/fixtures/mistral_common, made by its script).
+/// mistral-common refuses an empty answer; ours is the EOS alone.
+#[test]
+fn mistral_instruct_matches_mistral_common_token_for_token() {
+    let root = fixture("mistral_common");
+    let expected: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(root.join("expected.json")).expect("fixture"),
+    )
+    .expect("json");
+    let tokenizer = ChatTokenizer::from_file(
+        root.join("tokenizer.json"),
+        ChatTemplate::MistralInstruct,
+        1,
+        2,
+    )
+    .expect("tokenizer");
+    let ids = |v: &serde_json::Value| -> Vec<i64> {
+        v.as_array()
+            .expect("ids")
+            .iter()
+            .map(|x| x.as_i64().expect("id"))
+            .collect()
+    };
+    let mut compared = 0;
+    for case in expected["cases"].as_array().expect("cases") {
+        let (prompt, response) = (
+            case["prompt"].as_str().unwrap(),
+            case["response"].as_str().unwrap(),
+        );
+        let prompt_ids = ids(&case["prompt_ids"]);
+        assert_eq!(
+            tokenizer.encode_prompt(prompt).expect("prompt"),
+            prompt_ids,
+            "prompt {prompt:?}"
+        );
+        let encoded = tokenizer
+            .encode(prompt, response, 100_000, 200_000)
+            .expect("encode");
+        if case["full_ids"].is_null() {
+            assert_eq!(
+                encoded.response,
+                vec![2],
+                "an empty answer is the EOS alone"
+            );
+            continue;
+        }
+        assert_eq!(
+            encoded.input_ids(),
+            ids(&case["full_ids"]),
+            "{prompt:?} -> {response:?}"
+        );
+        compared += 1;
+    }
+    assert_eq!(compared, 11);
+}

@@ -186,8 +186,8 @@ impl ChatTokenizer {
             return self.encode_text(&jinja.render(&turn, true)?);
         }
         let text = match self.template {
-            ChatTemplate::MistralInstruct => format!("[INST] {} [/INST]", prompt.trim()),
-            ChatTemplate::Zephyr => format!("<|user|>\n{}</s>\n<|assistant|>\n", prompt.trim()),
+            ChatTemplate::MistralInstruct => format!("[INST] {} [/INST]", prompt),
+            ChatTemplate::Zephyr => format!("<|user|>\n{}</s>\n<|assistant|>\n", prompt),
         };
         let mut ids = vec![self.bos_id];
         ids.extend(self.encode_text(&text)?);
@@ -196,7 +196,7 @@ impl ChatTokenizer {
 
     /// A response, EOS last.
     pub fn encode_response(&self, response: &str) -> Result<Vec<i64>> {
-        let mut ids = self.encode_text(response.trim())?;
+        let mut ids = self.encode_text(response)?;
         ids.push(self.eos_id);
         Ok(ids)
     }
