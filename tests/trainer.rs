@@ -8,7 +8,9 @@ use std::sync::atomic::AtomicBool;
 use refa_loss::data::{
     parse_jsonl, read_jsonl, split_eval, tokenize_records, DataFormat, ScoreField, TokenizedExample,
 };
-use refa_loss::mistral::{ChatTemplate, ChatTokenizer, Mistral, MistralConfig, SaveOptions};
+use refa_loss::mistral::{
+    ChatMessage, ChatTemplate, ChatTokenizer, JinjaTemplate, Mistral, MistralConfig, SaveOptions,
+};
 use refa_loss::scoring::ScoringConfig;
 use refa_loss::train::{CosineSchedule, Recompute, TrainConfig, Trainer};
 use refa_loss::{EosRegularizer, PreferenceLoss, RefaDynamic, RefaError};
@@ -572,7 +574,8 @@ fn prefix_sharing_trains_like_the_plain_layout() {
 /// The dataset layouts people download, read by name and by `auto`, from a folder of shards:
 /// multi-response sets with reward-model scores, pairs as strings or message lists (with
 /// and without scores), the simple and the UltraFeedback layouts; a prompt with a system
-/// message is refused by line (the built-in templates have no system turn).
+/// message keeps it as context, which a checkpoint's template frames and a built-in one
+/// refuses.
 #[test]
 fn hub_dataset_layouts_are_read_by_name_and_by_auto() {
     let dir = tempfile::tempdir().expect("temp dir");
@@ -656,15 +659,41 @@ fn hub_dataset_layouts_are_read_by_name_and_by_auto() {
         "{err}"
     );
     let system = r#"{"prompt": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}], "chosen": "Hi.", "rejected": "Hello there, how are you doing today?"}"#;
-    let err = parse_jsonl(system, "s", DataFormat::Auto, ScoreField::Overall, false).unwrap_err();
-    assert!(err.to_string().contains("system"), "{err}");
-    let skipped = parse_jsonl(
-        &format!("{system}\n{pair_text}\n"),
+    // A system turn before the user's: kept as context, framed only by a checkpoint's own
+    // template (the built-in ones have no system turn).
+    let records = parse_jsonl(system, "s", DataFormat::Auto, ScoreField::Overall, false)
+        .expect("a system prompt")
+        .records;
+    assert_eq!(records[0].prompt, "Hi");
+    assert_eq!(
+        records[0].context,
+        vec![ChatMessage::new("system", "Be brief.")]
+    );
+    let err = tokenize_records(&records, &tokenizer(), 128, 256).unwrap_err();
+    assert!(err.to_string().contains("earlier turns"), "{err}");
+    let templated = tokenizer().with_jinja(JinjaTemplate {
+        source: "{{ bos_token }}{% for m in messages %}{% if m.role == 'system' %}{{ '<<SYS>> ' + m.content + ' <</SYS>> ' }}{% elif m.role == 'user' %}{{ '[INST] ' + m.content + ' [/INST]' }}{% else %}{{ m.content + eos_token }}{% endif %}{% endfor %}".into(),
+        bos_token: "<s>".into(),
+        eos_token: "</s>".into(),
+    });
+    let (examples, _) =
+        tokenize_records(&records, &templated, 128, 256).expect("with the template");
+    let rendered = templated
+        .decode(&examples[0].responses[0].prompt)
+        .expect("decode");
+    // The bundled 512-token vocabulary has no capital B: it decodes as unknown.
+    assert!(rendered.contains("brief. <</SS>> [INST] Hi"), "{rendered}");
+    let assistant_turn = r#"{"prompt": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo"}], "chosen": "a", "rejected": "b"}"#;
+    let err = parse_jsonl(
+        assistant_turn,
         "s",
         DataFormat::Auto,
         ScoreField::Overall,
-        true,
+        false,
     )
-    .expect("skip");
-    assert_eq!((skipped.records.len(), skipped.skipped.len()), (1, 1));
+    .unwrap_err();
+    assert!(
+        err.to_string().contains("must end with the user's turn"),
+        "{err}"
+    );
 }

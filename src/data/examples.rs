@@ -83,7 +83,15 @@ fn tokenize_record(
     let responses = record
         .responses
         .iter()
-        .map(|r| tokenizer.encode(&record.prompt, &r.text, max_prompt, max_total))
+        .map(|r| {
+            tokenizer.encode_in_context(
+                &record.context,
+                &record.prompt,
+                &r.text,
+                max_prompt,
+                max_total,
+            )
+        })
         .collect::<Result<Vec<_>>>()?;
     Ok(TokenizedExample {
         responses,

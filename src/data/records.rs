@@ -7,12 +7,16 @@ use serde::Deserialize;
 use serde_json::Value;
 
 use crate::error::{RefaError, Result};
+use crate::mistral::ChatMessage;
 
 /// One prompt and its scored responses (any number of them).
 #[derive(Debug, Clone, PartialEq)]
 pub struct PreferenceRecord {
-    /// The user's instruction.
+    /// The user's instruction (the last user turn).
     pub prompt: String,
+    /// The turns before it (a system prompt, earlier user and assistant turns); empty for a
+    /// single-turn prompt. Only a checkpoint's own chat template can frame them.
+    pub context: Vec<ChatMessage>,
     /// The responses with their scores.
     pub responses: Vec<ScoredResponse>,
 }
@@ -193,8 +197,10 @@ fn parse_line(
                     score: r.score,
                 })
                 .collect();
+            let (context, prompt) = record.prompt.into_prompt()?;
             Ok(PreferenceRecord {
-                prompt: record.prompt.text()?,
+                prompt,
+                context,
                 responses,
             })
         }
@@ -213,6 +219,7 @@ fn parse_line(
                 .collect::<std::result::Result<_, String>>()?;
             Ok(PreferenceRecord {
                 prompt: record.instruction,
+                context: Vec::new(),
                 responses,
             })
         }
@@ -233,8 +240,10 @@ fn parse_line(
                     finite_score("all_rm_scores", score).map(|score| ScoredResponse { text, score })
                 })
                 .collect::<std::result::Result<_, String>>()?;
+            let (context, prompt) = record.prompt.into_prompt()?;
             Ok(PreferenceRecord {
-                prompt: record.prompt.text()?,
+                prompt,
+                context,
                 responses,
             })
         }
@@ -250,8 +259,10 @@ fn parse_line(
                 response("chosen", record.chosen, record.score_chosen, 1.0)?,
                 response("rejected", record.rejected, record.score_rejected, 0.0)?,
             ];
+            let (context, prompt) = record.prompt.into_prompt()?;
             Ok(PreferenceRecord {
-                prompt: record.prompt.text()?,
+                prompt,
+                context,
                 responses,
             })
         }
@@ -300,19 +311,20 @@ enum Turn {
 }
 
 impl Turn {
-    /// A prompt's text: the text itself, or a single user message. System prompts and
-    /// multi-turn conversations need the chat template of a checkpoint, which the built-in
-    /// templates are not: they are refused rather than flattened.
-    fn text(self) -> std::result::Result<String, String> {
+    /// A prompt: `(the turns before the last user turn, its text)`. A message list must end
+    /// with the user's turn.
+    fn into_prompt(self) -> std::result::Result<(Vec<ChatMessage>, String), String> {
         match self {
-            Turn::Text(text) => Ok(text),
-            Turn::Messages(mut messages) => match messages.as_slice() {
-                [only] if only.role == "user" => Ok(messages.remove(0).content),
-                _ => Err(format!(
-                    "a prompt of {} messages (roles {:?}): only a single user message is supported with the built-in chat templates",
-                    messages.len(),
-                    messages.iter().map(|m| m.role.as_str()).collect::<Vec<_>>()
-                )),
+            Turn::Text(text) => Ok((Vec::new(), text)),
+            Turn::Messages(mut messages) => match messages.pop() {
+                Some(last) if last.role == "user" => {
+                    let context = messages
+                        .into_iter()
+                        .map(|m| ChatMessage::new(&m.role, &m.content))
+                        .collect();
+                    Ok((context, last.content))
+                }
+                _ => Err("a prompt's messages must end with the user's turn".to_string()),
             },
         }
     }

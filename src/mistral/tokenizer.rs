@@ -222,6 +222,38 @@ impl ChatTokenizer {
         Ok(Encoded { prompt, response })
     }
 
+    /// [`encode`](Self::encode) after earlier turns: `context` (a system prompt, earlier user
+    /// and assistant turns) comes before the user's `prompt`. Only a checkpoint's own
+    /// template can frame them; with a built-in template a non-empty context is an error.
+    pub fn encode_in_context(
+        &self,
+        context: &[ChatMessage],
+        prompt: &str,
+        response: &str,
+        max_prompt: usize,
+        max_total: usize,
+    ) -> Result<Encoded> {
+        if context.is_empty() {
+            return self.encode(prompt, response, max_prompt, max_total);
+        }
+        let Some(jinja) = &self.jinja else {
+            let roles: Vec<&str> = context.iter().map(|m| m.role.as_str()).collect();
+            return Err(RefaError::config(
+                "chat template",
+                format!(
+                    "a prompt with earlier turns ({roles:?}) needs the checkpoint's own chat \
+                     template; the built-in {:?} template frames a single user turn",
+                    self.template
+                ),
+            ));
+        };
+        check_token_limits(max_prompt, max_total)?;
+        let (mut prompt, mut response) = self.split_turns(jinja, context, prompt, response)?;
+        prompt.truncate(max_prompt.min(max_total - 1));
+        response.truncate(max_total.saturating_sub(prompt.len()));
+        Ok(Encoded { prompt, response })
+    }
+
     /// With a checkpoint's template: prompt ids = the user turn with the generation prompt,
     /// full ids = the user and assistant turns; the response is the full sequence after the
     /// prompt prefix, up to and including its last EOS (only whitespace may follow it). A
@@ -234,11 +266,21 @@ impl ChatTokenizer {
         prompt: &str,
         response: &str,
     ) -> Result<(Vec<i64>, Vec<i64>)> {
-        let prompt_ids = self.encode_prompt(prompt)?;
-        let turns = [
-            ChatMessage::new("user", prompt),
-            ChatMessage::new("assistant", response),
-        ];
+        self.split_turns(jinja, &[], prompt, response)
+    }
+
+    /// [`split_conversation`](Self::split_conversation) after the turns of `context`.
+    fn split_turns(
+        &self,
+        jinja: &JinjaTemplate,
+        context: &[ChatMessage],
+        prompt: &str,
+        response: &str,
+    ) -> Result<(Vec<i64>, Vec<i64>)> {
+        let mut turns = context.to_vec();
+        turns.push(ChatMessage::new("user", prompt));
+        let prompt_ids = self.encode_text(&jinja.render(&turns, true)?)?;
+        turns.push(ChatMessage::new("assistant", response));
         let full = self.encode_text(&jinja.render(&turns, false)?)?;
         if !full.starts_with(&prompt_ids) {
             let at = prompt_ids
