@@ -613,7 +613,8 @@ fn explicit_sets_that_overlap_touch_masked_slots_or_lack_a_side_are_refused() {
             .expect("shapes and kinds are fine");
         RefaDynamic::default().compute(&with_sets).unwrap_err()
     };
-    let cases: [(&[[bool; 3]; 2], &[[bool; 3]; 2], &str, &str, &str); 4] = [
+    type Sets<'a> = &'a [[bool; 3]; 2];
+    let cases: [(Sets, Sets, &str, &str, &str); 4] = [
         (
             &[[true, false, true], [true, false, false]],
             &[[false, true, false], [false, true, false]],

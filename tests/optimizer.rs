@@ -23,12 +23,12 @@ struct Reference {
 impl Reference {
     fn step(&mut self, g: &[f64], t: i32, lr: f64, wd: f64) {
         let (b1, b2, eps) = (0.9f64, 0.999f64, 1e-8);
-        for i in 0..self.w.len() {
-            self.m[i] = b1 * self.m[i] + (1.0 - b1) * g[i];
-            self.v[i] = b2 * self.v[i] + (1.0 - b2) * g[i] * g[i];
-            let m_hat = self.m[i] / (1.0 - b1.powi(t));
-            let v_hat = self.v[i] / (1.0 - b2.powi(t));
-            self.w[i] = self.w[i] * (1.0 - lr * wd) - lr * m_hat / (v_hat.sqrt() + eps);
+        for (((w, m), v), g) in self.w.iter_mut().zip(&mut self.m).zip(&mut self.v).zip(g) {
+            *m = b1 * *m + (1.0 - b1) * g;
+            *v = b2 * *v + (1.0 - b2) * g * g;
+            let m_hat = *m / (1.0 - b1.powi(t));
+            let v_hat = *v / (1.0 - b2.powi(t));
+            *w = *w * (1.0 - lr * wd) - lr * m_hat / (v_hat.sqrt() + eps);
         }
     }
 }

@@ -88,10 +88,10 @@ pub fn partition(p: &RefPrompt) -> RefPartition {
     };
     let (mut best, mut worst) = (None::<usize>, None::<usize>);
     for (i, &k) in slots.iter().enumerate() {
-        if positive[i] && best.map_or(true, |b| p.rewards[k] > p.rewards[b]) {
+        if positive[i] && best.is_none_or(|b| p.rewards[k] > p.rewards[b]) {
             best = Some(k);
         }
-        if !positive[i] && worst.map_or(true, |w| p.rewards[k] < p.rewards[w]) {
+        if !positive[i] && worst.is_none_or(|w| p.rewards[k] < p.rewards[w]) {
             worst = Some(k);
         }
     }
