@@ -46,13 +46,16 @@ pub fn plot_history(
     evaluations: &[StepMetrics],
     path: impl AsRef<Path>,
 ) -> Result<()> {
-    let charts = [
+    const CHARTS: [&str; 4] = [
         "loss",
         "rewards/margins",
         "rewards/positive_mass",
         "eos/prob",
-    ]
-    .map(|key| StepMetrics::metric(key).expect("a listed metric"));
+    ];
+    let charts: Vec<_> = StepMetrics::LOSS_METRICS
+        .iter()
+        .filter(|m| CHARTS.contains(&m.key))
+        .collect();
     let panels: Vec<Panel> = charts
         .iter()
         .map(|metric| {

@@ -46,6 +46,8 @@ struct ParamState {
     m: Tensor,
     v: Tensor,
     master: Option<Tensor>,
+    /// Index of the step counter on this parameter's device in `AdamW::counters`.
+    counter: usize,
 }
 
 impl AdamW {
@@ -56,6 +58,7 @@ impl AdamW {
             .filter(|(_, t)| t.requires_grad())
             .collect();
         params.sort_by(|a, b| a.0.cmp(&b.0));
+        let mut counters: Vec<(Device, Tensor)> = Vec::new();
         let state = params
             .iter()
             .map(|(_, p)| {
@@ -64,19 +67,21 @@ impl AdamW {
                 } else {
                     Kind::Float
                 };
+                let counter = match counters.iter().position(|(d, _)| *d == p.device()) {
+                    Some(index) => index,
+                    None => {
+                        counters.push((p.device(), Tensor::zeros([], (Kind::Float, p.device()))));
+                        counters.len() - 1
+                    }
+                };
                 ParamState {
                     m: Tensor::zeros(p.size(), (wide, p.device())),
                     v: Tensor::zeros(p.size(), (wide, p.device())),
                     master: (p.kind() != wide).then(|| p.detach().to_kind(wide)),
+                    counter,
                 }
             })
             .collect();
-        let mut counters: Vec<(Device, Tensor)> = Vec::new();
-        for (_, p) in &params {
-            if !counters.iter().any(|(d, _)| *d == p.device()) {
-                counters.push((p.device(), Tensor::zeros([], (Kind::Float, p.device()))));
-            }
-        }
         AdamW {
             params,
             state,
@@ -169,7 +174,7 @@ impl AdamW {
                 exp_avg: &s.m,
                 exp_avg_sq: &s.v,
                 mirror: s.master.as_ref().map(|_| p),
-                step: self.counter(p.device()),
+                step: &self.counters[s.counter].1,
             })
             .collect();
         let hyper = AdamWHyper {
@@ -180,12 +185,6 @@ impl AdamW {
             eps: self.eps,
         };
         tch::no_grad(|| ffi::adamw_step(&slots, &hyper, found_inf.as_ref()))
-    }
-
-    fn counter(&self, device: Device) -> &Tensor {
-        let found = self.counters.iter().find(|(d, _)| *d == device);
-        // Every parameter's device got a counter in `new`.
-        &found.expect("a step counter per parameter device").1
     }
 
     /// Sets every gradient to zero.
