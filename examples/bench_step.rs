@@ -16,11 +16,15 @@
 //! of `--steps` steps after `--warmup` steps; each step ends with a read of its results, so
 //! the device's work is inside the time.
 
+#[path = "common/mod.rs"]
+mod common;
+
+use common::{DType, DeviceName};
 use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::Context;
-use clap::{Parser, ValueEnum};
+use clap::Parser;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use refa_loss::data::TokenizedExample;
@@ -28,7 +32,6 @@ use refa_loss::mistral::{Encoded, LoraConfig, Mistral, MistralConfig};
 use refa_loss::scoring::ScoringConfig;
 use refa_loss::train::{CosineSchedule, Recompute, TrainConfig, Trainer};
 use refa_loss::{device, RefaDynamic};
-use tch::{Device, Kind};
 
 #[derive(Parser, Debug)]
 #[command(about = "Time the crate's training step on a random Mistral and a synthetic batch")]
@@ -83,35 +86,14 @@ struct Args {
     seed: u64,
 }
 
-#[derive(Clone, Copy, Debug, ValueEnum)]
-enum DeviceName {
-    Cpu,
-    Cuda,
-}
-
-#[derive(Clone, Copy, Debug, ValueEnum)]
-enum DType {
-    F32,
-    Bf16,
-}
-
 fn main() {
-    if let Err(error) = run(Args::parse()) {
-        eprintln!("error: {error:#}");
-        std::process::exit(1);
-    }
+    common::quiet_on_closed_pipe();
+    common::exit_on_error(run(Args::parse()));
 }
 
 fn run(args: Args) -> anyhow::Result<()> {
-    let device = match args.device {
-        DeviceName::Cpu => Device::Cpu,
-        DeviceName::Cuda if device::cuda_is_available() => Device::Cuda(0),
-        DeviceName::Cuda => anyhow::bail!("--device cuda, but no CUDA device is visible"),
-    };
-    let kind = match (args.dtype, device) {
-        (Some(DType::F32), _) | (None, Device::Cpu) => Kind::Float,
-        _ => Kind::BFloat16,
-    };
+    let device = args.device.resolve()?;
+    let kind = common::kind_for(args.dtype, device);
     let config = model_config(&args.model)?;
     if args.prompts == 0 || args.responses < 2 || args.tokens < 4 || args.steps == 0 {
         anyhow::bail!("need --prompts >= 1, --responses >= 2, --tokens >= 4, --steps >= 1");

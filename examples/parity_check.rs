@@ -11,17 +11,21 @@
 //!     --dir DIR --dtype f32 --device cpu
 //! ```
 
+#[path = "common/mod.rs"]
+mod common;
+
+use common::{DType, DeviceName};
 use std::path::PathBuf;
 
-use anyhow::{bail, Context};
-use clap::{Parser, ValueEnum};
-use refa_loss::device;
+use anyhow::Context;
+use clap::Parser;
+
 use refa_loss::mistral::{ForwardOptions, Mistral, Padding};
 use refa_loss::scoring::{
     preference_loss_backward, score_hidden, PreferenceTargets, ScoringConfig,
 };
 use refa_loss::RefaDynamic;
-use tch::{Device, Kind, Tensor};
+use tch::{Kind, Tensor};
 
 #[derive(Parser, Debug)]
 #[command(about = "Compare the crate's outputs and gradients with transformers' (parity.py)")]
@@ -37,18 +41,6 @@ struct Args {
     device: DeviceName,
 }
 
-#[derive(Clone, Copy, Debug, ValueEnum)]
-enum DType {
-    F32,
-    Bf16,
-}
-
-#[derive(Clone, Copy, Debug, ValueEnum)]
-enum DeviceName {
-    Cpu,
-    Cuda,
-}
-
 fn main() {
     match run(Args::parse()) {
         Ok(true) => {}
@@ -61,11 +53,7 @@ fn main() {
 }
 
 fn run(args: Args) -> anyhow::Result<bool> {
-    let device = match args.device {
-        DeviceName::Cpu => Device::Cpu,
-        DeviceName::Cuda if device::cuda_is_available() => Device::Cuda(0),
-        DeviceName::Cuda => bail!("--device cuda, but no CUDA device is visible"),
-    };
+    let device = args.device.resolve()?;
     let (kind, name, tolerance) = match args.dtype {
         DType::F32 => (Kind::Float, "f32", 1e-4),
         DType::Bf16 => (Kind::BFloat16, "bf16", 5e-2),

@@ -135,6 +135,7 @@ fn bad_trainer_flags_are_refused_before_the_first_step() {
             "eos_target",
         ),
         (&["--loss", "simpo", "--gamma", "2"], "`gamma`"),
+        (&["--share-prompts", "--recompute", "all"], "`recompute`"),
         (&["--loss", "refa-dynamic", "--tau", "0.5"], "`tau`"),
         (&["--eos-budget", "8"], "eos_budget"),
     ];

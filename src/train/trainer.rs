@@ -141,6 +141,14 @@ impl TrainConfig {
             "chunk_size",
             self.scoring.chunk_size,
             ">= 1",
+        )?;
+        // The shared pass keeps its layers in the graph: asking for recomputation as well
+        // would be a setting that does nothing.
+        RefaError::require(
+            !(self.share_prompts && self.recompute == Recompute::All),
+            "recompute",
+            "all",
+            "auto or none with share_prompts (the shared pass is not recomputed)",
         )
     }
 }
@@ -735,19 +743,12 @@ impl Trainer {
         Ok(())
     }
 
-    /// Turns a non-finite loss, gradient or model output into [`RefaError::Diverged`], with
-    /// the step and the last good checkpoint.
+    /// Turns a non-finite gradient norm (what a non-finite loss or model output becomes:
+    /// the step runs without value checks) into [`RefaError::Diverged`], with the step and
+    /// the last good checkpoint.
     fn diverged(&self, error: RefaError) -> RefaError {
         let message = match &error {
             RefaError::NonFiniteLoss { loss, value } => format!("{loss} is {value}"),
-            RefaError::InvalidValue {
-                tensor,
-                position,
-                value,
-                ..
-            } if matches!(*tensor, "logp_sum" | "eos_logp" | "eos_logp_steps") => {
-                format!("the model's `{tensor}` is {value} at {position}")
-            }
             _ => return error,
         };
         RefaError::Diverged {
