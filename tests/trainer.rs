@@ -545,7 +545,11 @@ fn prefix_sharing_trains_like_the_plain_layout() {
         let base = config(dir.path(), 3);
         let config = TrainConfig {
             share_prompts,
-            recompute: if share_prompts { Recompute::None } else { base.recompute },
+            recompute: if share_prompts {
+                Recompute::None
+            } else {
+                base.recompute
+            },
             ..base
         };
         let mut trainer = sample_trainer(9, config);

@@ -159,8 +159,9 @@ impl TrainConfig {
 #[cfg_attr(feature = "trainer", derive(clap::ValueEnum))]
 pub enum Recompute {
     /// Recompute only when the activations of the largest micro-batch would not fit in half
-    /// of the device's free memory (measured when the trainer starts; see
-    /// [`activation_bytes`]). Default: recomputation costs about a third more compute.
+    /// of the device's free memory (measured when the trainer starts, after the optimizer's
+    /// state is allocated and less the gradients still to come; see [`activation_bytes`]).
+    /// Default: recomputation costs about a third more compute.
     #[default]
     Auto,
     /// Always recompute (memory: one `[N, T, H]` tensor per layer).
@@ -283,11 +284,13 @@ impl Trainer {
         loss.validate()?;
         probe_loss(loss.as_ref(), &config.scoring)?;
         let data_fingerprint = Fingerprint::default().examples(&train).hex();
-        let recompute = resolve_recompute(&model, &train, &config);
         std::fs::create_dir_all(&config.output_dir)
             .map_err(|e| RefaError::io(&config.output_dir, &e))?;
         let named = model.var_store().variables().into_iter().collect();
+        // The optimizer's state exists from here on, so the free memory that decides
+        // recomputation is what the activations can really have.
         let mut optimizer = AdamW::new(named);
+        let recompute = resolve_recompute(&model, &train, &config);
         optimizer.weight_decay = config.weight_decay;
         let log = MetricsLog::open(&config.output_dir.join("metrics.jsonl"))?;
         let order = DataOrder::new(train.len(), config.seed);
@@ -796,9 +799,28 @@ fn resolve_recompute(model: &Mistral, train: &[TokenizedExample], config: &Train
             let tokens = config.prompts_per_batch as i64 * slots * longest;
             let needed = activation_bytes(model, tokens, &config.scoring);
             let device = model.lm_head_weight().device();
-            free_memory(device).is_none_or(|free| needed > free / 2)
+            recompute_needed(needed, gradient_bytes(model), free_memory(device))
         }
     }
+}
+
+/// Bytes the trainable parameters' gradients will take once the first backward pass has
+/// allocated them (one tensor of each trainable parameter's size and kind).
+fn gradient_bytes(model: &Mistral) -> i64 {
+    model
+        .var_store()
+        .trainable_variables()
+        .iter()
+        .map(|t| t.numel() as i64 * t.kind().elt_size_in_bytes() as i64)
+        .sum()
+}
+
+/// Auto recomputation's rule: recompute unless the activations fit in half of what stays
+/// free once the gradients exist (the other half is headroom for the allocator's
+/// fragmentation, the scorer's chunks and the backward pass's temporaries). Unknown free
+/// memory recomputes.
+fn recompute_needed(activations: i64, gradients: i64, free: Option<i64>) -> bool {
+    free.is_none_or(|free| activations > (free - gradients) / 2)
 }
 
 /// Every token id of `examples` (and the padding id) must index the model's embedding, and
@@ -896,4 +918,25 @@ fn copy_into(targets: &[(String, Tensor)], source: &[(String, Tensor)]) -> Resul
         }
         Ok(())
     })
+}
+
+#[cfg(test)]
+mod recompute_tests {
+    use super::recompute_needed;
+
+    const GIB: i64 = 1 << 30;
+
+    #[test]
+    fn gradients_still_to_come_count_against_the_free_memory() {
+        // Mistral-7B fully fine-tuned on a 140 GiB card: after weights, master copies and
+        // moments, 45 GiB stay free; 14 GiB of bf16 gradients are still to come; 59 GiB of
+        // activations without recomputation.
+        assert!(recompute_needed(59 * GIB, 14 * GIB, Some(45 * GIB)));
+        // The 0.85 B model: 3 GiB of activations, 120 GiB free.
+        assert!(!recompute_needed(3 * GIB, 2 * GIB, Some(120 * GIB)));
+        // Fits only if the gradients are forgotten.
+        assert!(recompute_needed(20 * GIB, 10 * GIB, Some(45 * GIB)));
+        assert!(!recompute_needed(20 * GIB, 0, Some(45 * GIB)));
+        assert!(recompute_needed(GIB, 0, None));
+    }
 }
