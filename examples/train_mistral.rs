@@ -53,17 +53,17 @@ struct Args {
     /// (tokenizer_config.json or chat_template.jinja) when it has one, else Mistral-instruct.
     #[arg(long, value_enum, default_value_t = TemplateChoice::Auto)]
     template: TemplateChoice,
-    /// Preference data, one JSON object per line. Default: the bundled sample (64 prompts × 4).
+    /// Preference data: a JSONL or parquet file, or a folder of *.jsonl / *.parquet shards.
+    /// Default: the bundled sample (64 prompts × 4).
     #[arg(long)]
     data: Option<PathBuf>,
-    /// Line format of --data (a JSONL file or a folder of *.jsonl shards); `auto` tells each
-    /// line's format from its keys.
+    /// Layout of --data's lines or rows; `auto` tells each one's layout from its keys.
     #[arg(long, value_enum, default_value_t = DataFormat::Auto)]
     format: DataFormat,
     /// UltraFeedback score used as the reward.
     #[arg(long, value_enum, default_value_t = ScoreField::Overall)]
     score_field: ScoreField,
-    /// Skip (and count) malformed lines instead of stopping at the first one.
+    /// Skip (and count) malformed lines or rows instead of stopping at the first one.
     #[arg(long)]
     skip_bad_lines: bool,
     /// Longest prompt in tokens (longer prompts keep their start). Default: 512, or half of
@@ -344,12 +344,12 @@ fn load_examples(
         args.score_field,
         args.skip_bad_lines,
     )?;
-    for (line, why) in &report.skipped {
-        eprintln!("skipped line {line}: {why}");
+    for (_, why) in &report.skipped {
+        eprintln!("skipped {why}");
     }
     let (examples, tokens) = tokenize_records(&report.records, tokenizer, max_prompt, max_tokens)?;
     println!(
-        "data: {} prompts read, {} malformed lines skipped; dropped {} with fewer than 2 responses and {} with all scores equal; {} responses truncated",
+        "data: {} prompts read, {} malformed lines or rows skipped; dropped {} with fewer than 2 responses and {} with all scores equal; {} responses truncated",
         report.records.len(),
         report.skipped.len(),
         tokens.fewer_than_two_responses,

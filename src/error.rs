@@ -149,6 +149,17 @@ pub enum RefaError {
         message: String,
     },
 
+    /// A row of a parquet data file is malformed.
+    #[error("{path}, row {row}: {message}")]
+    DataRow {
+        /// The file.
+        path: String,
+        /// 1-based row number, counted over the whole file.
+        row: usize,
+        /// What is wrong with it.
+        message: String,
+    },
+
     /// Training produced a non-finite loss or gradient; the run stopped.
     #[error("training diverged at step {step}: {message}; last good checkpoint: {}", last_checkpoint.as_deref().unwrap_or("none yet"))]
     Diverged {

@@ -383,6 +383,64 @@ fn non_utf8_lines_are_named_and_can_be_skipped() {
     assert!(text(&output.stderr).contains("skipped line 1"));
 }
 
+/// Parquet data through the binary: a Hub-style folder of shards trains; a damaged file and a
+/// file that is not parquet stop the run naming the file; a bad row is named by its row, or
+/// skipped with `--skip-bad-lines`.
+#[test]
+fn parquet_data_trains_and_damaged_parquet_is_refused_by_name() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let out = dir.path().join("run");
+    let out = out.to_str().unwrap();
+    let shards = repo_file("tests/fixtures/parquet/multi_response/data");
+    let output = run(
+        "train_mistral",
+        &train_args(out, &["--data", shards.to_str().unwrap()]),
+    );
+    assert!(output.status.success(), "{}", text(&output.stderr));
+    assert!(text(&output.stdout).contains("data: 64 prompts read"));
+
+    let mut bytes = std::fs::read(shards.join("train-00000-of-00002.parquet")).expect("shard");
+    let middle = bytes.len() / 2;
+    bytes.truncate(middle);
+    let cut = dir.path().join("cut.parquet");
+    std::fs::write(&cut, &bytes).expect("write");
+    let output = run(
+        "train_mistral",
+        &train_args(out, &["--data", cut.to_str().unwrap()]),
+    );
+    assert_refused(&output, "cut.parquet", "a truncated parquet file");
+    let csv = dir.path().join("table.parquet");
+    std::fs::write(&csv, "prompt,chosen,rejected\nhi,a,b\n").expect("write");
+    let output = run(
+        "train_mistral",
+        &train_args(out, &["--data", csv.to_str().unwrap()]),
+    );
+    assert_refused(&output, "table.parquet", "a CSV file named .parquet");
+    assert!(text(&output.stderr).contains("not a readable parquet file"));
+
+    // The ultrafeedback_binarized fixture read as multi-response sets: every row lacks the
+    // columns, named by row; with --skip-bad-lines all four are skipped and nothing is left.
+    let binarized = repo_file("tests/fixtures/parquet/ultrafeedback_binarized/data");
+    let args = [
+        "--data",
+        binarized.to_str().unwrap(),
+        "--format",
+        "multi-response",
+    ];
+    let output = run("train_mistral", &train_args(out, &args));
+    assert_refused(&output, "row 1", "rows without the format's columns");
+    let mut skipping = args.to_vec();
+    skipping.push("--skip-bad-lines");
+    let output = run("train_mistral", &train_args(out, &skipping));
+    assert_eq!(output.status.code(), Some(1), "{}", text(&output.stderr));
+    let stderr = text(&output.stderr);
+    assert!(stderr.contains("skipped row 4: missing field"), "{stderr}");
+    assert!(
+        stderr.contains("no prompt with a preference left"),
+        "{stderr}"
+    );
+}
+
 fn wait_for_file(path: &Path, child: &mut Child, limit: Duration) {
     let start = Instant::now();
     while !path.exists() {

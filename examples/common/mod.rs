@@ -5,7 +5,7 @@
 use std::path::{Path, PathBuf};
 
 use clap::ValueEnum;
-use refa_loss::data::{parse_jsonl, read_jsonl, DataFormat, ReadReport, ScoreField};
+use refa_loss::data::{parse_jsonl, read_dataset, DataFormat, ReadReport, ScoreField};
 use refa_loss::device;
 use refa_loss::mistral::{ChatTokenizer, Mistral, TemplateChoice};
 use tch::{Device, Kind};
@@ -57,7 +57,7 @@ pub fn read_records(
     skip_bad_lines: bool,
 ) -> refa_loss::Result<ReadReport> {
     match data {
-        Some(path) => read_jsonl(path, format, score, skip_bad_lines),
+        Some(path) => read_dataset(path, format, score, skip_bad_lines),
         None => parse_jsonl(
             SAMPLE_DATA,
             "bundled sample.jsonl",

@@ -1,5 +1,6 @@
-//! Preference data on disk: UltraFeedback's raw format and a simple format, one JSON object
-//! per line, read into [`PreferenceRecord`]s.
+//! Preference data on disk, in JSONL (one JSON object per line) or parquet (one row per
+//! record, the Hub's format), in any of four layouts ([`DataFormat`]), read into
+//! [`PreferenceRecord`]s.
 
 use std::path::Path;
 
@@ -70,59 +71,131 @@ pub enum ScoreField {
 pub struct ReadReport {
     /// The records, in file order.
     pub records: Vec<PreferenceRecord>,
-    /// Malformed lines skipped with `skip_bad_lines`: `(line number, why)`.
+    /// Malformed lines (JSONL) or rows (parquet) skipped with `skip_bad_lines`: `(1-based
+    /// line or row number, where and why)`, the second naming the line (`line 3: …`) or row
+    /// (`row 3: …`), after its file when a folder was read (`data/b.jsonl, line 3: …`).
     pub skipped: Vec<(usize, String)>,
 }
 
-/// Reads a JSONL file, or every `*.jsonl` file of a folder in name order (the shards of a
-/// downloaded dataset). A malformed line (bad JSON, missing fields, a score that is not a
-/// finite number, bytes that are not UTF-8) is a [`RefaError::Data`] naming the file and the
-/// line, unless `skip_bad_lines`, which skips and reports it (with its file, for a folder).
-/// Empty lines are ignored.
+/// Reads a dataset: one file, or every `*.jsonl` and `*.parquet` file of a folder in name
+/// order (the shards of a downloaded dataset; point it at one split's files). A `.parquet`
+/// file is read row by row (each row is what a JSONL line would hold: string columns, number
+/// columns, lists and structs), any other file as JSONL. A malformed line or row (bad JSON,
+/// missing fields, a column of the wrong type, a score that is not a finite number, bytes
+/// that are not UTF-8) is a [`RefaError::Data`] naming the file and the line, or a
+/// [`RefaError::DataRow`] naming the file and the row, unless `skip_bad_lines`, which skips
+/// and reports it. A file that is not parquet at all is a [`RefaError::Config`] naming it.
+pub fn read_dataset(
+    path: impl AsRef<Path>,
+    format: DataFormat,
+    score: ScoreField,
+    skip_bad_lines: bool,
+) -> Result<ReadReport> {
+    read_files(
+        path.as_ref(),
+        &["jsonl", "parquet"],
+        format,
+        score,
+        skip_bad_lines,
+    )
+}
+
+/// Reads a JSONL file (whatever its name), or every `*.jsonl` file of a folder in name
+/// order; [`read_dataset`] reads parquet too. Errors as [`read_dataset`]'s. Empty lines are
+/// ignored.
 pub fn read_jsonl(
     path: impl AsRef<Path>,
     format: DataFormat,
     score: ScoreField,
     skip_bad_lines: bool,
 ) -> Result<ReadReport> {
-    let path = path.as_ref();
-    let files = data_files(path)?;
+    read_files(path.as_ref(), &["jsonl"], format, score, skip_bad_lines)
+}
+
+/// `path`, or the files of the folder `path` with one of `extensions`, each read by its
+/// extension (parquet only where `extensions` holds it).
+fn read_files(
+    path: &Path,
+    extensions: &[&str],
+    format: DataFormat,
+    score: ScoreField,
+    skip_bad_lines: bool,
+) -> Result<ReadReport> {
+    let files = data_files(path, extensions)?;
     let mut report = ReadReport::default();
     for file in &files {
-        let bytes = std::fs::read(file).map_err(|e| RefaError::io(file, &e))?;
         let source = file.display().to_string();
-        let part = parse_jsonl_bytes(&bytes, &source, format, score, skip_bad_lines)?;
+        let is_parquet = file.extension().is_some_and(|x| x == "parquet");
+        let part = if is_parquet && extensions.contains(&"parquet") {
+            parse_parquet(file, format, score, skip_bad_lines)?
+        } else {
+            let bytes = std::fs::read(file).map_err(|e| RefaError::io(file, &e))?;
+            parse_jsonl_bytes(&bytes, &source, format, score, skip_bad_lines)?
+        };
         report.records.extend(part.records);
         report.skipped.extend(
             part.skipped
                 .into_iter()
                 .map(|(line, why)| match files.len() {
                     1 => (line, why),
-                    _ => (line, format!("{source}: {why}")),
+                    _ => (line, format!("{source}, {why}")),
                 }),
         );
     }
     Ok(report)
 }
 
-/// `path` itself, or the `*.jsonl` files of the folder `path` in name order (at least one).
-fn data_files(path: &Path) -> Result<Vec<std::path::PathBuf>> {
+/// `path` itself, or the files of the folder `path` with one of `extensions`, in name order
+/// (at least one).
+fn data_files(path: &Path, extensions: &[&str]) -> Result<Vec<std::path::PathBuf>> {
     if !path.is_dir() {
         return Ok(vec![path.to_path_buf()]);
     }
     let entries = std::fs::read_dir(path).map_err(|e| RefaError::io(path, &e))?;
     let mut files: Vec<std::path::PathBuf> = entries
         .filter_map(|e| Some(e.ok()?.path()))
-        .filter(|p| p.extension().is_some_and(|x| x == "jsonl"))
+        .filter(|p| {
+            p.extension()
+                .and_then(|x| x.to_str())
+                .is_some_and(|x| extensions.contains(&x))
+        })
         .collect();
     files.sort();
     if files.is_empty() {
+        let wanted: Vec<String> = extensions.iter().map(|x| format!("*.{x}")).collect();
         return Err(RefaError::config(
             path,
-            "a data folder without any *.jsonl file",
+            format!("a data folder without any {} file", wanted.join(" or ")),
         ));
     }
     Ok(files)
+}
+
+/// The records of a parquet file, row by row; errors name the file and the 1-based row.
+fn parse_parquet(
+    file: &Path,
+    format: DataFormat,
+    score: ScoreField,
+    skip_bad_lines: bool,
+) -> Result<ReadReport> {
+    let source = file.display().to_string();
+    let mut report = ReadReport::default();
+    for (index, row) in super::parquet::parquet_rows(file)?.into_iter().enumerate() {
+        match row.and_then(|value| parse_value(value, format, score)) {
+            Ok(record) => report.records.push(record),
+            Err(message) if skip_bad_lines => report
+                .skipped
+                .push((index + 1, format!("row {}: {message}", index + 1))),
+            Err(message) => {
+                return Err(RefaError::DataRow {
+                    path: source,
+                    row: index + 1,
+                    message,
+                })
+            }
+        }
+    }
+    Ok(report)
 }
 
 /// [`read_jsonl`] on text already in memory; `source` names it in errors.
@@ -160,7 +233,9 @@ pub fn parse_jsonl_bytes(
         match parsed {
             Ok(None) => {}
             Ok(Some(record)) => report.records.push(record),
-            Err(message) if skip_bad_lines => report.skipped.push((index + 1, message)),
+            Err(message) if skip_bad_lines => report
+                .skipped
+                .push((index + 1, format!("line {}: {message}", index + 1))),
             Err(message) => {
                 return Err(RefaError::Data {
                     path: source.to_string(),
@@ -179,6 +254,15 @@ fn parse_line(
     score: ScoreField,
 ) -> std::result::Result<PreferenceRecord, String> {
     let value: Value = serde_json::from_str(line).map_err(|e| e.to_string())?;
+    parse_value(value, format, score)
+}
+
+/// One record from the JSON object of a line or a row.
+fn parse_value(
+    value: Value,
+    format: DataFormat,
+    score: ScoreField,
+) -> std::result::Result<PreferenceRecord, String> {
     let format = match format {
         DataFormat::Auto => detect(&value)?,
         format => format,
