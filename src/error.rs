@@ -149,6 +149,16 @@ pub enum RefaError {
         message: String,
     },
 
+    /// A collective of a distributed job failed: a timeout, a lost process, a closed
+    /// connection, or a job the environment describes inconsistently.
+    #[error("distributed {operation}: {message}")]
+    Distributed {
+        /// What failed, e.g. `"all-reduce"` or `"setup"`.
+        operation: &'static str,
+        /// Why, with the lost ranks where they could be told.
+        message: String,
+    },
+
     /// A row of a parquet data file is malformed.
     #[error("{path}, row {row}: {message}")]
     DataRow {

@@ -45,16 +45,26 @@ extern "C" {
 
 /// Turns a returned message into an error, freeing it.
 #[cfg(not(feature = "doc-only"))]
-fn check(message: *mut c_char) -> Result<()> {
+pub(crate) fn check(message: *mut c_char) -> Result<()> {
+    match take_text(message) {
+        None => Ok(()),
+        Some(text) => Err(RefaError::torch(text)),
+    }
+}
+
+/// The text of a string the C++ side allocated with malloc (an error message or a returned
+/// value), freed; None for NULL.
+#[cfg(not(feature = "doc-only"))]
+pub(crate) fn take_text(message: *mut c_char) -> Option<String> {
     if message.is_null() {
-        return Ok(());
+        return None;
     }
     // SAFETY: a non-null return is a NUL-terminated string from malloc, owned by us now.
     let text = unsafe { CStr::from_ptr(message) }
         .to_string_lossy()
         .into_owned();
     unsafe { refa_free_error(message) };
-    Err(RefaError::torch(text))
+    Some(text)
 }
 
 fn pointer(t: &Tensor) -> *mut C_tensor {

@@ -76,6 +76,8 @@ mod batch;
 #[cfg(feature = "trainer")]
 pub mod data;
 pub mod device;
+#[cfg(all(feature = "distributed", not(feature = "doc-only")))]
+pub mod distributed;
 mod error;
 mod ffi;
 
