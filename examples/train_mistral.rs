@@ -17,7 +17,7 @@ mod common;
 
 use std::path::PathBuf;
 
-use anyhow::{bail, Context};
+use anyhow::bail;
 use clap::Parser;
 use indicatif::{ProgressBar, ProgressStyle};
 use refa_loss::analysis::plot_history;
@@ -158,9 +158,18 @@ struct Args {
     /// Checkpoints to keep.
     #[arg(long, default_value_t = defaults().keep_checkpoints)]
     keep_checkpoints: usize,
-    /// Continue from a checkpoint folder, or `latest` for the newest in --output-dir.
+    /// Continue from a checkpoint folder, or `latest` for the newest in --output-dir (none
+    /// yet: start at step 0, so that a job torchrun restarts continues where it stopped).
     #[arg(long)]
     resume: Option<String>,
+    /// Under torchrun (data-parallel, feature `distributed`): seconds a collective may wait
+    /// for the other ranks before the run stops with an error naming the lost ones.
+    #[arg(long, default_value_t = 600)]
+    dist_timeout: u64,
+    /// Under torchrun: ZeRO-1, each rank keeps the optimizer state of its share of the
+    /// parameters only (f32 master weights and moments: 12 of 16 bytes a parameter).
+    #[arg(long)]
+    shard_optimizer: bool,
     /// No progress bar (one line per step instead).
     #[arg(long)]
     quiet: bool,
@@ -171,8 +180,16 @@ fn main() {
     common::exit_on_error(run(Args::parse()));
 }
 
-fn run(args: Args) -> anyhow::Result<()> {
-    let device = args.device.resolve()?;
+fn run(mut args: Args) -> anyhow::Result<()> {
+    let job = common::job()?;
+    let mut device = args.device.resolve()?;
+    if let (Some(job), Device::Cuda(_)) = (&job, device) {
+        device = Device::Cuda(job.local_rank); // one GPU per process
+    }
+    if job.as_ref().is_some_and(|j| j.rank > 0) {
+        common::silence_stdout(); // rank 0 alone prints
+        args.quiet = true;
+    }
     let kind = common::kind_for(args.dtype, device);
     let loss = args.loss.build()?;
     if args.lora_rank < 0 {
@@ -227,13 +244,30 @@ fn run(args: Args) -> anyhow::Result<()> {
         train.len(),
         eval.len()
     );
-    let mut trainer = Trainer::new(model, loss, train, eval, config)?;
-    if let Some(resume) = &args.resume {
-        let folder = match resume.as_str() {
-            "latest" => latest_checkpoint(&args.output_dir)
-                .with_context(|| format!("no checkpoint in {}", args.output_dir.display()))?,
-            path => PathBuf::from(path),
-        };
+    let mut trainer = match job {
+        Some(job) => common::distributed_trainer(
+            &job,
+            (model, loss, train, eval, config),
+            args.dist_timeout,
+            args.shard_optimizer,
+        )?,
+        None => Trainer::new(model, loss, train, eval, config)?,
+    };
+    let folder = match args.resume.as_deref() {
+        Some("latest") => {
+            let latest = latest_checkpoint(&args.output_dir);
+            if latest.is_none() {
+                println!(
+                    "no checkpoint in {} yet: starting at step 0",
+                    args.output_dir.display()
+                );
+            }
+            latest
+        }
+        Some(path) => Some(PathBuf::from(path)),
+        None => None,
+    };
+    if let Some(folder) = folder {
         for note in trainer.resume(&folder)? {
             println!("note: {note}");
         }

@@ -166,3 +166,87 @@ impl StopSignals {
         }
     }
 }
+
+/// The torchrun job this process is a rank of, if any (`WORLD_SIZE` set).
+pub fn job() -> anyhow::Result<Option<JobEnv>> {
+    #[cfg(feature = "distributed")]
+    return Ok(refa_loss::distributed::JobEnv::from_env()?);
+    #[cfg(not(feature = "distributed"))]
+    {
+        if std::env::var_os("WORLD_SIZE").is_some_and(|w| w != "1") {
+            anyhow::bail!(
+                "WORLD_SIZE is set (a torchrun job?) but this binary was built without the \
+                 `distributed` feature: build with --features distributed"
+            );
+        }
+        Ok(None)
+    }
+}
+
+#[cfg(feature = "distributed")]
+pub use refa_loss::distributed::JobEnv;
+
+/// Stands in for the job description in builds without the feature `distributed`.
+#[cfg(not(feature = "distributed"))]
+pub struct JobEnv {
+    pub rank: usize,
+    pub local_rank: usize,
+}
+
+/// What `Trainer::new` takes.
+pub type TrainerParts = (
+    refa_loss::mistral::Mistral,
+    Box<dyn refa_loss::PreferenceLoss>,
+    Vec<refa_loss::data::TokenizedExample>,
+    Vec<refa_loss::data::TokenizedExample>,
+    refa_loss::train::TrainConfig,
+);
+
+/// A trainer that is one rank of `job` (NCCL for a CUDA model, Gloo otherwise).
+pub fn distributed_trainer(
+    job: &JobEnv,
+    (model, loss, train, eval, config): TrainerParts,
+    timeout_s: u64,
+    shard_optimizer: bool,
+) -> anyhow::Result<refa_loss::train::Trainer> {
+    #[cfg(feature = "distributed")]
+    {
+        use refa_loss::distributed::ProcessGroup;
+        let nccl = model.lm_head_weight().device().is_cuda();
+        let timeout = std::time::Duration::from_secs(timeout_s);
+        let group = ProcessGroup::new(job, timeout, nccl)?;
+        Ok(refa_loss::train::Trainer::new_distributed(
+            model,
+            loss,
+            train,
+            eval,
+            config,
+            group,
+            shard_optimizer,
+        )?)
+    }
+    #[cfg(not(feature = "distributed"))]
+    {
+        let _ = (
+            job,
+            model,
+            loss,
+            train,
+            eval,
+            config,
+            timeout_s,
+            shard_optimizer,
+        );
+        anyhow::bail!("built without the `distributed` feature")
+    }
+}
+
+/// Sends this process's standard output to /dev/null (the ranks of a job other than 0).
+pub fn silence_stdout() {
+    let null = std::fs::OpenOptions::new().write(true).open("/dev/null");
+    if let Ok(null) = null {
+        use std::os::fd::AsRawFd;
+        // SAFETY: dup2 onto the standard output descriptor; both descriptors are valid.
+        unsafe { libc::dup2(null.as_raw_fd(), 1) };
+    }
+}

@@ -236,6 +236,9 @@ pub enum CheckpointFile {
         /// The kind floating-point tensors are stored as.
         kind: Kind,
     },
+    /// A file another process already wrote and synced on the same file system (a rank's
+    /// optimizer shard), renamed into the checkpoint.
+    Moved(std::path::PathBuf),
 }
 
 /// Writes `tensors` (Hugging Face names) and the files in `extra_files` (e.g. `config.json`,
@@ -267,6 +270,9 @@ pub fn write_checkpoint(
                 CheckpointFile::Bytes(bytes) => write_synced(&path, bytes)?,
                 CheckpointFile::Tensors { tensors, kind } => {
                     write_safetensors(&path, tensors, *kind)?
+                }
+                CheckpointFile::Moved(source) => {
+                    std::fs::rename(source, &path).map_err(|e| RefaError::io(source, &e))?
                 }
             }
         }

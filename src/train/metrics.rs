@@ -117,6 +117,18 @@ impl StepMetrics {
         ),
     ];
 
+    /// The values of [`LOSS_METRICS`](Self::LOSS_METRICS), in its order.
+    pub(crate) fn loss_values(&self) -> Vec<f64> {
+        Self::LOSS_METRICS.iter().map(|m| (m.get)(self)).collect()
+    }
+
+    /// Sets the values of [`LOSS_METRICS`](Self::LOSS_METRICS) from `values`, in its order.
+    pub(crate) fn set_loss_values(&mut self, values: &[f64]) {
+        for (metric, value) in Self::LOSS_METRICS.iter().zip(values) {
+            *(metric.set)(self) = *value;
+        }
+    }
+
     /// The metric with `key` in either list.
     pub fn metric(key: &str) -> Option<Metric> {
         Self::LOSS_METRICS

@@ -23,6 +23,49 @@ use crate::train::metrics::{MetricsAccumulator, MetricsLog, StepMetrics};
 use crate::train::optimizer::{AdamW, CosineSchedule};
 use crate::train::state::TrainerState;
 
+#[cfg(feature = "distributed")]
+use crate::train::data_parallel::DataParallel;
+
+/// Without the feature `distributed` no trainer is data-parallel: an uninhabited type keeps
+/// the code paths of [`Trainer`] the same in both builds.
+#[cfg(not(feature = "distributed"))]
+enum DataParallel {}
+
+#[cfg(not(feature = "distributed"))]
+#[allow(clippy::unused_self, missing_docs)]
+impl DataParallel {
+    fn is_main(&self) -> bool {
+        match *self {}
+    }
+    fn world(&self) -> usize {
+        match *self {}
+    }
+    fn local_slice(&self, _: &[usize], _: usize) -> Vec<usize> {
+        match *self {}
+    }
+    fn average_gradients(&self) -> Result<()> {
+        match *self {}
+    }
+    fn clip_grad_norm(&self, _: f64) -> Result<Tensor> {
+        match *self {}
+    }
+    fn after_step(&self) -> Result<()> {
+        match *self {}
+    }
+    fn reduce_metrics(&self, _: &[f64], _: &[f64]) -> Result<(Vec<f64>, Vec<f64>)> {
+        match *self {}
+    }
+    fn barrier(&self) -> Result<()> {
+        match *self {}
+    }
+    fn optimizer_file(&self) -> String {
+        match *self {}
+    }
+    fn any(&self, _: bool) -> Result<bool> {
+        match *self {}
+    }
+}
+
 /// How to train.
 #[derive(Debug, Clone)]
 pub struct TrainConfig {
@@ -226,6 +269,8 @@ pub struct Trainer {
     step: i64,
     data_fingerprint: String,
     recompute: bool,
+    /// The job this trainer is a rank of (feature `distributed`).
+    parallel: Option<DataParallel>,
 }
 
 impl std::fmt::Debug for Trainer {
@@ -276,6 +321,42 @@ impl Trainer {
         eval: Vec<TokenizedExample>,
         config: TrainConfig,
     ) -> Result<Self> {
+        Self::build(model, loss, train, eval, config, None)
+    }
+
+    /// [`new`](Self::new) for one rank of a data-parallel job (feature `distributed`): every
+    /// rank draws the same seeded order and trains on its slice of each global batch of
+    /// `prompts_per_batch × world size` prompts (per micro-batch), gradients are averaged
+    /// over the ranks in flat buckets, and every rank starts from rank 0's weights. With
+    /// `shard_optimizer` (ZeRO-1) each rank keeps the AdamW state (f32 master weights and
+    /// moments) of its share of the parameters only and broadcasts its share after each
+    /// step. Rank 0 alone writes `metrics.jsonl`, the reference cache and the model; each
+    /// rank writes its optimizer shard into the same checkpoint folder. See
+    /// `docs/distributed.md`.
+    #[cfg(feature = "distributed")]
+    pub fn new_distributed(
+        model: Mistral,
+        loss: Box<dyn PreferenceLoss>,
+        train: Vec<TokenizedExample>,
+        eval: Vec<TokenizedExample>,
+        config: TrainConfig,
+        group: crate::distributed::ProcessGroup,
+        shard_optimizer: bool,
+    ) -> Result<Self> {
+        let trainable = trainable_parameters(&model);
+        let parallel = DataParallel::new(group, trainable, shard_optimizer);
+        parallel.broadcast_parameters()?;
+        Self::build(model, loss, train, eval, config, Some(parallel))
+    }
+
+    fn build(
+        model: Mistral,
+        loss: Box<dyn PreferenceLoss>,
+        train: Vec<TokenizedExample>,
+        eval: Vec<TokenizedExample>,
+        config: TrainConfig,
+        parallel: Option<DataParallel>,
+    ) -> Result<Self> {
         let pad_id = config.pad_id;
         config.validate()?;
         RefaError::require(!train.is_empty(), "training examples", 0, ">= 1")?;
@@ -286,7 +367,11 @@ impl Trainer {
         let data_fingerprint = Fingerprint::default().examples(&train).hex();
         std::fs::create_dir_all(&config.output_dir)
             .map_err(|e| RefaError::io(&config.output_dir, &e))?;
-        let named = model.var_store().variables().into_iter().collect();
+        let named = match &parallel {
+            #[cfg(feature = "distributed")]
+            Some(parallel) => parallel.optimized_parameters(),
+            _ => model.var_store().variables().into_iter().collect(),
+        };
         // The optimizer's state exists from here on, so the free memory that decides
         // recomputation is what the activations can really have.
         let mut optimizer = AdamW::new(named);
@@ -308,6 +393,7 @@ impl Trainer {
             step: 0,
             data_fingerprint,
             recompute,
+            parallel,
         };
         if trainer.loss.needs_reference() {
             trainer.reference = Some(trainer.load_or_score_reference()?);
@@ -354,7 +440,7 @@ impl Trainer {
         let mut outputs = Vec::with_capacity(self.config.accumulation_steps);
         let (mut tokens, mut padded_tokens) = (0, 0);
         for _ in 0..self.config.accumulation_steps {
-            let indices = self.order.next_batch(self.config.prompts_per_batch);
+            let indices = self.next_local_batch();
             let micro = if self.config.share_prompts {
                 self.shared_micro_batch(&indices, scale)?
             } else {
@@ -364,9 +450,18 @@ impl Trainer {
             tokens += micro.tokens;
             padded_tokens += micro.padded_tokens;
         }
-        let norm = self.optimizer.clip_grad_norm(self.config.max_grad_norm)?;
+        let norm = match &self.parallel {
+            Some(parallel) => {
+                parallel.average_gradients()?;
+                parallel.clip_grad_norm(self.config.max_grad_norm)?
+            }
+            None => self.optimizer.clip_grad_norm(self.config.max_grad_norm)?,
+        };
         let lr = self.config.schedule.lr(step);
         self.optimizer.step_if_finite(lr, &norm)?;
+        if let Some(parallel) = &self.parallel {
+            parallel.after_step()?;
+        }
         let grad_norm = norm.double_value(&[]);
         if !grad_norm.is_finite() {
             self.optimizer.rewind_skipped_step();
@@ -379,17 +474,52 @@ impl Trainer {
         for (metrics, mean_length) in &outputs {
             accumulator.add(&metrics.summary()?, *mean_length);
         }
+        let mut metrics = accumulator.finish(step);
+        let (mut tokens, mut padded_tokens) = (tokens as f64, padded_tokens as f64);
+        if let Some(parallel) = &self.parallel {
+            // The job's step: the ranks' means averaged, their tokens summed.
+            let (means, counts) =
+                parallel.reduce_metrics(&metrics.loss_values(), &[tokens, padded_tokens])?;
+            metrics.set_loss_values(&means);
+            (tokens, padded_tokens) = (counts[0], counts[1]);
+        }
         let seconds = start.elapsed().as_secs_f64();
         self.step = step;
         let metrics = StepMetrics {
             grad_norm,
             lr,
-            tokens_per_s: tokens as f64 / seconds,
-            tokens_per_s_padded: padded_tokens as f64 / seconds,
-            ..accumulator.finish(step)
+            tokens_per_s: tokens / seconds,
+            tokens_per_s_padded: padded_tokens / seconds,
+            ..metrics
         };
-        self.log.write(&metrics.to_json(""))?;
+        self.write_log(&metrics.to_json(""))?;
         Ok(metrics)
+    }
+
+    /// This rank's prompts of the next micro-batch: the whole batch in a single process, its
+    /// slice of the job's batch (`prompts_per_batch` per rank) in a data-parallel one.
+    fn next_local_batch(&mut self) -> Vec<usize> {
+        let per_rank = self.config.prompts_per_batch;
+        match &self.parallel {
+            Some(parallel) => {
+                let global = self.order.next_batch(per_rank * parallel.world());
+                parallel.local_slice(&global, per_rank)
+            }
+            None => self.order.next_batch(per_rank),
+        }
+    }
+
+    /// Whether this process writes the log, the reference cache and the model: always, but
+    /// in a data-parallel job only rank 0.
+    pub fn is_main(&self) -> bool {
+        self.parallel.as_ref().is_none_or(DataParallel::is_main)
+    }
+
+    fn write_log(&mut self, json: &str) -> Result<()> {
+        if self.is_main() {
+            self.log.write(json)?;
+        }
+        Ok(())
     }
 
     /// Forward, loss and backward of one micro-batch, each response with its prompt.
@@ -477,7 +607,7 @@ impl Trainer {
             accumulator.add(&summary, batch.mean_response_length);
         }
         let metrics = accumulator.finish(self.step);
-        self.log.write(&metrics.to_json("eval/"))?;
+        self.write_log(&metrics.to_json("eval/"))?;
         Ok(metrics)
     }
 
@@ -492,7 +622,9 @@ impl Trainer {
     ) -> Result<RunSummary> {
         // The log keeps the history up to where this run starts: a fresh run drops an earlier
         // run's steps, a resumed one the steps logged after its checkpoint (a killed run's).
-        self.log.truncate_after(self.step)?;
+        if self.is_main() {
+            self.log.truncate_after(self.step)?;
+        }
         let mut summary = RunSummary {
             steps: self.step,
             history: Vec::new(),
@@ -501,7 +633,7 @@ impl Trainer {
             interrupted: false,
         };
         while self.step < self.config.max_steps {
-            if stop.load(Ordering::SeqCst) {
+            if self.agree(stop.load(Ordering::SeqCst))? {
                 summary.interrupted = true;
                 break;
             }
@@ -529,10 +661,84 @@ impl Trainer {
         Ok(summary)
     }
 
+    /// Whether any rank says so (a stop request seen by one rank stops every rank at the
+    /// same step, so that no rank waits in a collective the others never join).
+    fn agree(&self, flag: bool) -> Result<bool> {
+        match &self.parallel {
+            Some(parallel) => parallel.any(flag),
+            None => Ok(flag),
+        }
+    }
+
     /// Writes `checkpoint-{step}` (a Hugging Face checkpoint plus the trainer's state)
     /// atomically, then deletes checkpoints beyond the newest `keep_checkpoints`.
+    ///
+    /// In a data-parallel job every rank calls it: a rank whose optimizer state is its own
+    /// (ZeRO-1) writes it to a hidden staging folder, all ranks wait for each other, rank 0
+    /// moves the shards into the checkpoint it writes and renames it into place, and all
+    /// wait again. A rank lost midway fails the others' wait, and no checkpoint appears.
     pub fn save_checkpoint(&self) -> Result<PathBuf> {
         let folder = self.config.output_dir.join(checkpoint_name(self.step));
+        let staging = self
+            .config
+            .output_dir
+            .join(format!(".shards-{}", checkpoint_name(self.step)));
+        let Some(parallel) = &self.parallel else {
+            return self.write_checkpoint(&folder, Vec::new());
+        };
+        let own_file = parallel.optimizer_file();
+        let writes_shard = own_file != "optimizer.safetensors";
+        if writes_shard {
+            std::fs::create_dir_all(&staging).map_err(|e| RefaError::io(&staging, &e))?;
+            let path = staging.join(&own_file);
+            let partial = staging.join(format!(".{own_file}.partial"));
+            crate::mistral::write_safetensors(
+                &partial,
+                &self.optimizer.state_tensors(),
+                Kind::Float,
+            )?;
+            std::fs::rename(&partial, &path).map_err(|e| RefaError::io(&path, &e))?;
+        }
+        parallel.barrier()?;
+        let result = if parallel.is_main() {
+            let shards = if writes_shard {
+                let mut names: Vec<String> = std::fs::read_dir(&staging)
+                    .map_err(|e| RefaError::io(&staging, &e))?
+                    .filter_map(|e| Some(e.ok()?.file_name().to_string_lossy().into_owned()))
+                    .filter(|n| n.starts_with("optimizer-"))
+                    .collect();
+                names.sort();
+                names
+            } else {
+                Vec::new()
+            };
+            let moved = shards
+                .into_iter()
+                .map(|name| {
+                    let path = staging.join(&name);
+                    (name, CheckpointFile::Moved(path))
+                })
+                .collect();
+            let written = self.write_checkpoint(&folder, moved);
+            if writes_shard {
+                let _ = remove_folder_atomically(&staging);
+            }
+            written
+        } else {
+            Ok(folder.clone())
+        };
+        parallel.barrier()?;
+        result
+    }
+
+    /// Rank 0's (or the single process's) part of [`save_checkpoint`](Self::save_checkpoint):
+    /// the model, the trainer's state, the optimizer state (its own, or `extra` shards) and
+    /// the adapters, then pruning.
+    fn write_checkpoint(
+        &self,
+        folder: &Path,
+        extra: Vec<(String, CheckpointFile)>,
+    ) -> Result<PathBuf> {
         let state = TrainerState {
             step: self.step,
             epoch: self.order.epoch,
@@ -549,19 +755,19 @@ impl Trainer {
             tensors,
             kind: Kind::Float,
         };
-        let mut files = vec![
-            (
-                TrainerState::FILE,
-                CheckpointFile::Bytes(state.to_json()?.into_bytes()),
-            ),
-            (
-                "optimizer.safetensors",
-                tensors(self.optimizer.state_tensors()),
-            ),
-        ];
+        let mut files: Vec<(String, CheckpointFile)> = vec![(
+            TrainerState::FILE.to_string(),
+            CheckpointFile::Bytes(state.to_json()?.into_bytes()),
+        )];
+        let own_file = match &self.parallel {
+            Some(parallel) => parallel.optimizer_file(),
+            None => "optimizer.safetensors".to_string(),
+        };
+        files.push((own_file, tensors(self.optimizer.state_tensors())));
+        files.extend(extra);
         if state.lora {
             files.push((
-                "adapters.safetensors",
+                "adapters.safetensors".to_string(),
                 tensors(self.model.adapter_parameters()),
             ));
         }
@@ -569,9 +775,11 @@ impl Trainer {
             kind: self.model.kind(),
             ..SaveOptions::default()
         };
-        self.model.save_pretrained_with(&folder, options, files)?;
+        let (names, contents): (Vec<String>, Vec<CheckpointFile>) = files.into_iter().unzip();
+        let files = names.iter().map(String::as_str).zip(contents).collect();
+        self.model.save_pretrained_with(folder, options, files)?;
         self.prune_checkpoints()?;
-        Ok(folder)
+        Ok(folder.to_path_buf())
     }
 
     /// Continues from a checkpoint written by [`save_checkpoint`](Self::save_checkpoint):
@@ -599,17 +807,55 @@ impl Trainer {
         } else {
             self.model.load_weights(&CheckpointReader::open(folder)?)?;
         }
-        let optimizer = read_file("optimizer.safetensors")?;
+        let optimizer = self.read_optimizer_state(folder)?;
         let device = self.model.lm_head_weight().device();
         self.optimizer.load_state(|name| {
             let found = optimizer.iter().find(|(n, _)| n == name);
-            found
-                .map(|(_, t)| t.to_device(device))
-                .ok_or_else(|| RefaError::checkpoint(name, "missing from optimizer.safetensors"))
+            found.map(|(_, t)| t.to_device(device)).ok_or_else(|| {
+                RefaError::checkpoint(name, "missing from the checkpoint's optimizer state")
+            })
         })?;
         self.step = state.step;
         self.order = DataOrder::resume(self.train.len(), state.seed, state.epoch, state.position);
         Ok(self.schedule_notes(&state))
+    }
+
+    /// The optimizer tensors this process needs, from `optimizer.safetensors` or from the
+    /// ZeRO-1 shards (`optimizer-R-of-N.safetensors`) of a job of any size: each file is read
+    /// in turn and only the names this process's optimizer holds are kept.
+    fn read_optimizer_state(&self, folder: &Path) -> Result<Vec<(String, Tensor)>> {
+        let wanted: std::collections::HashSet<String> = self
+            .optimizer
+            .state_tensors()
+            .into_iter()
+            .map(|(name, _)| name)
+            .collect();
+        let mut files: Vec<PathBuf> = std::fs::read_dir(folder)
+            .map_err(|e| RefaError::io(folder, &e))?
+            .filter_map(|e| Some(e.ok()?.path()))
+            .filter(|p| {
+                let name = p.file_name().map(|n| n.to_string_lossy().into_owned());
+                name.is_some_and(|n| n.starts_with("optimizer") && n.ends_with(".safetensors"))
+            })
+            .collect();
+        files.sort();
+        if files.is_empty() {
+            return Err(RefaError::config(
+                folder,
+                "a checkpoint without optimizer state",
+            ));
+        }
+        let mut kept = Vec::new();
+        for path in files {
+            let tensors =
+                Tensor::read_safetensors(&path).map_err(|e| RefaError::config(&path, e))?;
+            kept.extend(
+                tensors
+                    .into_iter()
+                    .filter(|(name, _)| wanted.contains(name)),
+            );
+        }
+        Ok(kept)
     }
 
     /// Refuses a checkpoint whose data position belongs to other training data.
@@ -710,6 +956,9 @@ impl Trainer {
             train: self.score_all(&self.train)?,
             eval: self.score_all(&self.eval)?,
         };
+        if !self.is_main() {
+            return Ok((file.train, file.eval));
+        }
         let text = serde_json::to_vec(&file).map_err(|e| RefaError::config(&path, e))?;
         let temporary = self.config.output_dir.join(".reference_logps.json.partial");
         std::fs::write(&temporary, text)
@@ -736,6 +985,9 @@ impl Trainer {
     }
 
     fn prune_checkpoints(&self) -> Result<()> {
+        if !self.is_main() {
+            return Ok(());
+        }
         let checkpoints = checkpoints(&self.config.output_dir);
         let excess = checkpoints
             .len()
@@ -939,4 +1191,16 @@ mod recompute_tests {
         assert!(!recompute_needed(20 * GIB, 0, Some(45 * GIB)));
         assert!(recompute_needed(GIB, 0, None));
     }
+}
+
+/// Every trainable parameter with its name (what the optimizer and the gradient all-reduce
+/// cover).
+#[cfg(feature = "distributed")]
+fn trainable_parameters(model: &Mistral) -> Vec<(String, Tensor)> {
+    model
+        .var_store()
+        .variables()
+        .into_iter()
+        .filter(|(_, t)| t.requires_grad())
+        .collect()
 }
