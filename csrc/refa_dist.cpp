@@ -65,7 +65,16 @@ struct Group {
     return *gloo;
   }
 
-  void run(const c10::intrusive_ptr<c10d::Work>& work) {
+  // Waits for a collective. Gloo's run on the host: wait with the timeout. NCCL's run on
+  // the GPU: wait() without a timeout only orders the current CUDA stream after the
+  // collective and returns (with a timeout it would block the host until the kernel ends,
+  // draining the GPU's queue at every bucket); a hang is caught by the next Gloo collective
+  // (each training step ends with one) and by NCCL's own watchdog after the group timeout.
+  void run(const c10::intrusive_ptr<c10d::Work>& work, const at::Tensor& on) {
+    if (on.defined() && on.is_cuda()) {
+      work->wait();
+      return;
+    }
     if (!work->wait(timeout)) {
       throw std::runtime_error("the collective did not complete");
     }
@@ -157,7 +166,7 @@ char* refa_dist_all_reduce(void* handle, at::Tensor** tensors, size_t count, int
     c10d::AllreduceOptions options;
     options.reduceOp = c10d::ReduceOp::SUM;
     options.timeout = group.timeout;
-    group.run(group.backend_for(flat).allreduce(one, options));
+    group.run(group.backend_for(flat).allreduce(one, options), flat);
     if (average != 0) {
       flat.div_(group.world);
     }
@@ -185,7 +194,7 @@ char* refa_dist_broadcast(void* handle, at::Tensor** tensors, size_t count, int 
     // One tensor per call: the backends take a list as one tensor per device.
     for (auto& tensor : list) {
       std::vector<at::Tensor> one{tensor};
-      group.run(group.backend_for(tensor).broadcast(one, options));
+      group.run(group.backend_for(tensor).broadcast(one, options), tensor);
     }
   });
 }
@@ -208,14 +217,14 @@ char* refa_dist_reduce_scatter(void* handle, at::Tensor* output, at::Tensor* inp
     std::vector<at::Tensor> outputs{output->view({-1})};
     std::vector<std::vector<at::Tensor>> inputs{slices};
     try {
-      group.run(group.backend_for(*output).reduce_scatter(outputs, inputs, options));
+      group.run(group.backend_for(*output).reduce_scatter(outputs, inputs, options), *output);
     } catch (const c10::NotImplementedError&) {
       at::Tensor sum = flat.clone();
       std::vector<at::Tensor> list{sum};
       c10d::AllreduceOptions all;
       all.reduceOp = c10d::ReduceOp::SUM;
       all.timeout = group.timeout;
-      group.run(group.backend_for(sum).allreduce(list, all));
+      group.run(group.backend_for(sum).allreduce(list, all), sum);
       output->view({-1}).copy_(sum.chunk(group.world)[group.rank]);
     }
     if (average != 0) {
@@ -235,7 +244,7 @@ char* refa_dist_all_gather(void* handle, at::Tensor* output, at::Tensor* input) 
     std::vector<at::Tensor> inputs{input->contiguous().view({-1})};
     c10d::AllgatherOptions options;
     options.timeout = group.timeout;
-    group.run(group.backend_for(*input).allgather(outputs, inputs, options));
+    group.run(group.backend_for(*input).allgather(outputs, inputs, options), *input);
   });
 }
 
@@ -245,7 +254,7 @@ char* refa_dist_barrier(void* handle) {
     Group& group = group_of(handle);
     c10d::BarrierOptions options;
     options.timeout = group.timeout;
-    group.run(group.gloo->barrier(options));
+    group.run(group.gloo->barrier(options), at::Tensor());
   });
 }
 

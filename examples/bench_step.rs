@@ -92,7 +92,10 @@ fn main() {
 }
 
 fn run(args: Args) -> anyhow::Result<()> {
-    let device = args.device.resolve()?;
+    let mut device = args.device.resolve()?;
+    if let (Some(job), tch::Device::Cuda(_)) = (common::job()?, device) {
+        device = tch::Device::Cuda(job.local_rank);
+    }
     let kind = common::kind_for(args.dtype, device);
     let config = model_config(&args.model)?;
     if args.prompts == 0 || args.responses < 2 || args.tokens < 4 || args.steps == 0 {
@@ -158,13 +161,26 @@ fn run(args: Args) -> anyhow::Result<()> {
     } else {
         lengths.len() * lengths.iter().max().copied().unwrap_or(0)
     };
-    let mut trainer = Trainer::new(
+    // Under torchrun (feature `distributed`): one rank of a data-parallel job, each rank
+    // with --prompts prompts; rank 0 alone prints.
+    let job = common::job()?;
+    let world_size = job.as_ref().map_or(1, |j| j.world_size);
+    let parts = (
         model,
-        Box::new(RefaDynamic::default()),
+        Box::new(RefaDynamic::default()) as Box<dyn refa_loss::PreferenceLoss>,
         examples,
         Vec::new(),
         train_config,
-    )?;
+    );
+    let mut trainer = match &job {
+        Some(job) => {
+            if job.rank > 0 {
+                common::silence_stdout();
+            }
+            common::distributed_trainer(job, parts, 600, false)?
+        }
+        None => Trainer::new(parts.0, parts.1, parts.2, parts.3, parts.4)?,
+    };
     for _ in 0..args.warmup {
         trainer.train_step()?;
     }
@@ -189,6 +205,7 @@ fn run(args: Args) -> anyhow::Result<()> {
         "recompute": trainer.recomputes(),
         "share_prompts": args.share_prompts,
         "prompts": args.prompts,
+        "world_size": world_size,
         "responses": args.responses,
         "tokens": tokens,
         "padded_tokens": padded_tokens,

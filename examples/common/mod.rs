@@ -191,6 +191,7 @@ pub use refa_loss::distributed::JobEnv;
 pub struct JobEnv {
     pub rank: usize,
     pub local_rank: usize,
+    pub world_size: usize,
 }
 
 /// What `Trainer::new` takes.
