@@ -1172,6 +1172,18 @@ fn copy_into(targets: &[(String, Tensor)], source: &[(String, Tensor)]) -> Resul
     })
 }
 
+/// Every trainable parameter with its name (what the optimizer and the gradient all-reduce
+/// cover).
+#[cfg(feature = "distributed")]
+fn trainable_parameters(model: &Mistral) -> Vec<(String, Tensor)> {
+    model
+        .var_store()
+        .variables()
+        .into_iter()
+        .filter(|(_, t)| t.requires_grad())
+        .collect()
+}
+
 #[cfg(test)]
 mod recompute_tests {
     use super::recompute_needed;
@@ -1191,16 +1203,4 @@ mod recompute_tests {
         assert!(!recompute_needed(20 * GIB, 0, Some(45 * GIB)));
         assert!(recompute_needed(GIB, 0, None));
     }
-}
-
-/// Every trainable parameter with its name (what the optimizer and the gradient all-reduce
-/// cover).
-#[cfg(feature = "distributed")]
-fn trainable_parameters(model: &Mistral) -> Vec<(String, Tensor)> {
-    model
-        .var_store()
-        .variables()
-        .into_iter()
-        .filter(|(_, t)| t.requires_grad())
-        .collect()
 }
