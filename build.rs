@@ -28,6 +28,7 @@ fn main() {
     println!("cargo:rerun-if-changed=csrc/refa_ops.cpp");
     println!("cargo:rerun-if-env-changed=LIBTORCH_CXX11_ABI");
     println!("cargo:rerun-if-changed=csrc/refa_dist.cpp");
+    println!("cargo:rerun-if-changed=csrc/refa_guard.h");
     println!("cargo:rerun-if-env-changed=REFA_NCCL");
     if env::var_os("CARGO_FEATURE_DOC_ONLY").is_some() {
         return;

@@ -8,6 +8,7 @@
 // (tch's C_tensor). src/distributed.rs is the only caller and repeats each contract.
 
 #include <ATen/ATen.h>
+#include "refa_guard.h"
 #include <torch/csrc/distributed/c10d/PrefixStore.hpp>
 #include <torch/csrc/distributed/c10d/ProcessGroupGloo.hpp>
 #include <torch/csrc/distributed/c10d/TCPStore.hpp>
@@ -24,25 +25,8 @@
 
 namespace {
 
-char* copy_message(const std::string& message) {
-  char* copy = static_cast<char*>(std::malloc(message.size() + 1));
-  if (copy != nullptr) {
-    std::memcpy(copy, message.c_str(), message.size() + 1);
-  }
-  return copy;
-}
-
-template <typename F>
-char* guarded(F&& body) {
-  try {
-    body();
-    return nullptr;
-  } catch (const std::exception& e) {
-    return copy_message(e.what());
-  } catch (...) {
-    return copy_message("unknown C++ exception in refa_dist");
-  }
-}
+using refa::copy_message;
+using refa::guarded;
 
 // One process group: the store it met its peers through, and one backend per device type.
 struct Group {

@@ -6,6 +6,7 @@
 // contracts are repeated in src/ffi.rs, the only caller.
 
 #include <ATen/ATen.h>
+#include "refa_guard.h"
 #include <ATen/DeviceAccelerator.h>
 
 #include <cstdlib>
@@ -16,26 +17,7 @@
 
 namespace {
 
-char* copy_message(const char* message) {
-  size_t length = std::strlen(message);
-  char* copy = static_cast<char*>(std::malloc(length + 1));
-  if (copy != nullptr) {
-    std::memcpy(copy, message, length + 1);
-  }
-  return copy;
-}
-
-template <typename F>
-char* guarded(F&& body) {
-  try {
-    body();
-    return nullptr;
-  } catch (const std::exception& e) {
-    return copy_message(e.what());
-  } catch (...) {
-    return copy_message("unknown C++ exception in refa_ops");
-  }
-}
+using refa::guarded;
 
 std::vector<at::Tensor> gather(at::Tensor** tensors, size_t count) {
   std::vector<at::Tensor> out;

@@ -323,6 +323,9 @@ fn load_model(
     kind: tch::Kind,
     lora: Option<&LoraConfig>,
 ) -> anyhow::Result<Mistral> {
+    // LoRA's A matrices are drawn when the model is built: from the seeded generator, so
+    // that a run (and every rank of a job) is reproducible from --seed.
+    tch::manual_seed(args.seed as i64);
     Ok(match &args.model {
         Some(folder) => Mistral::from_pretrained(folder, device, kind, lora)?,
         None => {

@@ -121,6 +121,16 @@ fn two_processes_train_as_one_with_twice_the_prompts() {
             "accumulation",
             &["--shard-optimizer", "--accumulation-steps", "2"][..],
         ),
+        (
+            "lora",
+            &[
+                "--shard-optimizer",
+                "--lora-rank",
+                "4",
+                "--lora-dropout",
+                "0",
+            ][..],
+        ),
     ] {
         let accumulation: Vec<&str> = extra
             .iter()

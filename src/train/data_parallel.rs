@@ -175,14 +175,7 @@ impl DataParallel {
     /// Global L2 norm of every gradient (each rank holds the averaged ones), and the same
     /// clipping as [`crate::train::AdamW::clip_grad_norm`].
     pub fn clip_grad_norm(&self, max_norm: f64) -> Result<Tensor> {
-        let grads: Vec<Tensor> = self
-            .parameters
-            .iter()
-            .map(|(_, p)| p.grad())
-            .filter(Tensor::defined)
-            .collect();
-        let refs: Vec<&Tensor> = grads.iter().collect();
-        crate::ffi::clip_grad_norm(&refs, max_norm)
+        crate::train::optimizer::clip_grad_norm(&self.parameters, max_norm)
     }
 
     /// Whether `flag` holds on any rank.

@@ -110,14 +110,7 @@ impl AdamW {
     /// kernels and returns the norm as a 0-dim f32 tensor there, without waiting for the
     /// device; read it when the step's metrics are read. Missing gradients count as zero.
     pub fn clip_grad_norm(&self, max_norm: f64) -> Result<Tensor> {
-        let grads: Vec<Tensor> = self
-            .params
-            .iter()
-            .map(|(_, p)| p.grad())
-            .filter(Tensor::defined)
-            .collect();
-        let refs: Vec<&Tensor> = grads.iter().collect();
-        ffi::clip_grad_norm(&refs, max_norm)
+        clip_grad_norm(&self.params, max_norm)
     }
 
     /// One update with learning rate `lr` (finite, >= 0), then clears the gradients.
@@ -229,6 +222,18 @@ impl AdamW {
             Ok(())
         })
     }
+}
+
+/// [`AdamW::clip_grad_norm`] over the gradients of `params` (a data-parallel trainer clips
+/// over every parameter, also those whose state another rank keeps).
+pub(crate) fn clip_grad_norm(params: &[(String, Tensor)], max_norm: f64) -> Result<Tensor> {
+    let grads: Vec<Tensor> = params
+        .iter()
+        .map(|(_, p)| p.grad())
+        .filter(Tensor::defined)
+        .collect();
+    let refs: Vec<&Tensor> = grads.iter().collect();
+    ffi::clip_grad_norm(&refs, max_norm)
 }
 
 /// Linear warmup over `warmup` steps, then cosine decay to `min_ratio·peak` at `total`.
