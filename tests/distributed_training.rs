@@ -360,3 +360,48 @@ fn ranks_of(out: &Path) -> Vec<(i32, usize)> {
         })
         .collect()
 }
+
+#[test]
+fn sigterm_to_torchrun_stops_every_rank_at_one_step_with_a_whole_checkpoint() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let out = dir.path().join("stopped");
+    let args = flags(
+        &out,
+        &[
+            "--max-steps",
+            "100000",
+            "--prompts-per-batch",
+            "1",
+            "--save-every",
+            "20",
+            "--shard-optimizer",
+        ],
+    );
+    let mut job = torchrun(&args, 0);
+    job.stdout(Stdio::piped()).stderr(Stdio::piped());
+    let child = job.spawn().expect("torchrun");
+    wait_for(&out.join("checkpoint-20"), Duration::from_secs(120));
+    // SAFETY: SIGTERM to the torchrun this test started; it forwards it to the ranks.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let output = child.wait_with_output().expect("torchrun ends");
+    let stderr = text(&output.stderr);
+    assert_eq!(
+        stderr.matches("stopped by a signal").count(),
+        2,
+        "both ranks stop on the signal: {stderr}"
+    );
+    let latest = refa_loss::train::latest_checkpoint(&out).expect("a checkpoint");
+    let step = TrainerState::read(&latest).expect("state").step;
+    assert!(step >= 20, "the interrupted step {step} is saved");
+    for file in [
+        "model.safetensors",
+        "optimizer-00000-of-00002.safetensors",
+        "optimizer-00001-of-00002.safetensors",
+    ] {
+        assert!(
+            latest.join(file).exists(),
+            "{} lacks {file}",
+            latest.display()
+        );
+    }
+}
