@@ -184,6 +184,10 @@ mod unlinked {
     pub(crate) fn reset_peak_memory(_: usize) -> Result<()> {
         unavailable()
     }
+    #[cfg(feature = "distributed")]
+    pub(crate) fn take_text(_: *mut c_char) -> Option<String> {
+        Some("built with `doc-only`: no libtorch".to_string())
+    }
 }
 #[cfg(feature = "doc-only")]
 pub(crate) use unlinked::*;

@@ -76,7 +76,7 @@ mod batch;
 #[cfg(feature = "trainer")]
 pub mod data;
 pub mod device;
-#[cfg(all(feature = "distributed", not(feature = "doc-only")))]
+#[cfg(feature = "distributed")]
 pub mod distributed;
 mod error;
 mod ffi;
