@@ -135,6 +135,13 @@ char* refa_clip_grad_norm(at::Tensor** grads, size_t count, double max_norm,
   });
 }
 
+// *out = a page-locked copy of the host tensor `host`, for asynchronous uploads: libtorch's
+// pin_memory() without the device argument tch always passes, which libtorch 2.11 deprecates
+// with a warning printed at every call.
+char* refa_pin_memory(at::Tensor* host, at::Tensor** out) {
+  return guarded([&] { *out = new at::Tensor(host->pin_memory()); });
+}
+
 // The caching allocator's statistics of accelerator device `index`, in bytes:
 // out[0] allocated now, out[1] peak allocated, out[2] reserved now, out[3] peak reserved,
 // out[4] free device memory, out[5] total device memory. *available is set to 0 (and out

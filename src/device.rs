@@ -137,6 +137,9 @@ pub(crate) fn upload(host: &Tensor, device: Device) -> Tensor {
     if device == Device::Cpu || host.device() == device {
         return host.shallow_clone();
     }
-    host.pin_memory(device)
-        .to_device_(device, host.kind(), true, false)
+    // tch's pin_memory passes a device argument libtorch 2.11 warns about at every call.
+    match crate::ffi::pin_memory(host) {
+        Ok(pinned) => pinned.to_device_(device, host.kind(), true, false),
+        Err(_) => host.to_device_(device, host.kind(), false, false),
+    }
 }

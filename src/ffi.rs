@@ -40,6 +40,7 @@ extern "C" {
         norm_out: *mut *mut C_tensor,
     ) -> *mut c_char;
     fn refa_memory_stats(index: c_int, out: *mut i64, available: *mut c_int) -> *mut c_char;
+    fn refa_pin_memory(host: *mut C_tensor, out: *mut *mut C_tensor) -> *mut c_char;
     fn refa_reset_peak_memory(index: c_int) -> *mut c_char;
 }
 
@@ -143,6 +144,16 @@ pub(crate) fn clip_grad_norm(grads: &[&Tensor], max_norm: f64) -> Result<Tensor>
     Ok(unsafe { Tensor::from_ptr(norm) })
 }
 
+/// A page-locked copy of the host tensor `host` (for asynchronous uploads to a GPU).
+#[cfg(not(feature = "doc-only"))]
+pub(crate) fn pin_memory(host: &Tensor) -> Result<Tensor> {
+    let mut out: *mut C_tensor = std::ptr::null_mut();
+    // SAFETY: a live tensor; on success `out` is a new `at::Tensor*` the returned tch Tensor
+    // owns (allocated with `new`, as tch's own).
+    check(unsafe { refa_pin_memory(pointer(host), &mut out) })?;
+    Ok(unsafe { Tensor::from_ptr(out) })
+}
+
 /// `[allocated, peak allocated, reserved, peak reserved, free, total]` bytes of accelerator
 /// `index`, or `None` without an accelerator.
 #[cfg(not(feature = "doc-only"))]
@@ -182,6 +193,9 @@ mod unlinked {
         unavailable()
     }
     pub(crate) fn reset_peak_memory(_: usize) -> Result<()> {
+        unavailable()
+    }
+    pub(crate) fn pin_memory(_: &Tensor) -> Result<Tensor> {
         unavailable()
     }
     #[cfg(feature = "distributed")]
