@@ -26,6 +26,7 @@
 namespace {
 
 using refa::copy_message;
+using refa::gather;
 using refa::guarded;
 
 // One process group: the store it met its peers through, and one backend per device type.
@@ -64,15 +65,6 @@ struct Group {
     }
   }
 };
-
-std::vector<at::Tensor> gather(at::Tensor** tensors, size_t count) {
-  std::vector<at::Tensor> out;
-  out.reserve(count);
-  for (size_t i = 0; i < count; ++i) {
-    out.push_back(*tensors[i]);
-  }
-  return out;
-}
 
 Group& group_of(void* handle) { return *static_cast<Group*>(handle); }
 

@@ -1,12 +1,15 @@
-// The error convention of the C surface in csrc/: a function returns NULL on success or a
-// message allocated with malloc (freed by refa_free_error), and no C++ exception crosses the
-// boundary. Shared by refa_ops.cpp and refa_dist.cpp.
+// What the two files of the C surface in csrc/ share: its error convention (a function
+// returns NULL on success or a message allocated with malloc, freed by refa_free_error, and
+// no C++ exception crosses the boundary), and reading tch's tensor-pointer arrays.
 #pragma once
+
+#include <ATen/core/Tensor.h>
 
 #include <cstdlib>
 #include <cstring>
 #include <exception>
 #include <string>
+#include <vector>
 
 namespace refa {
 
@@ -30,6 +33,16 @@ char* guarded(F&& body) {
   } catch (...) {
     return copy_message("unknown C++ exception in refa-loss's csrc");
   }
+}
+
+// The tensors behind tch's `count` pointers (handles sharing their storage).
+inline std::vector<at::Tensor> gather(at::Tensor** tensors, size_t count) {
+  std::vector<at::Tensor> out;
+  out.reserve(count);
+  for (size_t i = 0; i < count; ++i) {
+    out.push_back(*tensors[i]);
+  }
+  return out;
 }
 
 }  // namespace refa

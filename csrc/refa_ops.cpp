@@ -17,16 +17,8 @@
 
 namespace {
 
+using refa::gather;
 using refa::guarded;
-
-std::vector<at::Tensor> gather(at::Tensor** tensors, size_t count) {
-  std::vector<at::Tensor> out;
-  out.reserve(count);
-  for (size_t i = 0; i < count; ++i) {
-    out.push_back(*tensors[i]);
-  }
-  return out;
-}
 
 }  // namespace
 
