@@ -352,9 +352,22 @@ impl ProcessGroup {
         })
     }
 
-    /// Which ranks have gone: those on this host whose process no longer exists; when the
-    /// store itself is unreachable, its host (rank 0, or torchrun's agent) is.
+    /// Which ranks have gone: those on this host whose process no longer runs; when the
+    /// store itself is unreachable, its host (rank 0, or torchrun's agent) is. A peer's
+    /// process can outlive the connection it dropped by a moment (dying, or not yet reaped),
+    /// so the check is repeated for up to five seconds before it answers that none is gone.
     fn lost_ranks(&self) -> String {
+        for _ in 0..50 {
+            let answer = self.lost_ranks_now();
+            if !answer.starts_with("every other rank") {
+                return answer;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        self.lost_ranks_now()
+    }
+
+    fn lost_ranks_now(&self) -> String {
         let host = hostname();
         let mut lost = Vec::new();
         let mut elsewhere = Vec::new();
@@ -374,8 +387,7 @@ impl ProcessGroup {
             let (owner, pid) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
             match pid.parse::<i32>() {
                 Ok(pid) if owner == host => {
-                    // SAFETY: signal 0 only checks that the process exists.
-                    if unsafe { libc::kill(pid, 0) } != 0 {
+                    if !process_runs(pid) {
                         lost.push(format!("rank {rank} (process {pid} has exited)"));
                     }
                 }
@@ -395,6 +407,26 @@ impl Drop for ProcessGroup {
         // SAFETY: the handle came from refa_dist_new and is freed once.
         unsafe { refa_dist_free(self.handle.as_ptr()) }
     }
+}
+
+/// Whether process `pid` exists and is neither exiting (its sockets already closed while the
+/// kernel tears it down, which can take a while on a loaded machine) nor a zombie.
+fn process_runs(pid: i32) -> bool {
+    // SAFETY: signal 0 only checks that the process exists.
+    if unsafe { libc::kill(pid, 0) } != 0 {
+        return false;
+    }
+    // /proc/<pid>/stat: "pid (name) state ppid pgrp session tty tpgid flags …"; the name may
+    // hold spaces and parentheses. PF_EXITING (0x4) in flags: inside exit.
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| rest.split_whitespace().collect())
+        .unwrap_or_default();
+    let flags = fields.get(6).and_then(|f| f.parse::<u64>().ok());
+    let exiting = flags.is_some_and(|f| f & 0x4 != 0);
+    let dead = matches!(fields.first(), Some(&"Z" | &"X" | &"x"));
+    !(exiting || dead)
 }
 
 fn pointer(t: &Tensor) -> *mut C_tensor {

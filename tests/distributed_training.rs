@@ -243,7 +243,7 @@ fn a_killed_rank_stops_the_other_with_its_name_and_a_resumed_job_continues_exact
     // The same job, rank 1 killed once checkpoint-20 exists.
     let broken = dir.path().join("broken");
     let mut args = steps.to_vec();
-    args.extend_from_slice(&["--save-every", "10", "--dist-timeout", "20"]);
+    args.extend_from_slice(&["--save-every", "10", "--dist-timeout", "60"]);
     let args = flags(&broken, &args);
     let port = free_port();
     let survivor = rank(0, port, &args);
@@ -251,9 +251,14 @@ fn a_killed_rank_stops_the_other_with_its_name_and_a_resumed_job_continues_exact
     wait_for(&broken.join("checkpoint-20"), Duration::from_secs(120));
     let killed_at = Instant::now();
     victim.kill().expect("kill rank 1");
-    let _ = victim.wait();
+    let victim = victim.wait_with_output().expect("rank 1 ends");
     let output = survivor.wait_with_output().expect("rank 0 ends");
-    let stderr = text(&output.stderr);
+    let stderr = format!(
+        "rank 0: {}\nrank 1 ({:?}): {}",
+        text(&output.stderr),
+        victim.status,
+        text(&victim.stderr)
+    );
     assert_eq!(output.status.code(), Some(1), "{stderr}");
     assert!(stderr.contains("lost rank 1"), "{stderr}");
     assert!(!stderr.contains("panicked"), "{stderr}");
