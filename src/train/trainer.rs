@@ -103,7 +103,8 @@ pub struct TrainConfig {
     /// ([`Mistral::forward_shared_prefix`]) instead of once per response. Same values and
     /// gradients; fewer positions through the layers (K = 4, prompts 30 % of the tokens:
     /// about a fifth fewer), attention with an explicit mask. The layers then stay in the
-    /// graph (`recompute` does not apply). Default false.
+    /// graph (`recompute` does not apply). Faster on the CPU, slower on a GPU (the mask rules
+    /// out flash attention: 13 % slower on an H200, `docs/benchmarks.md`). Default false.
     pub share_prompts: bool,
 }
 
