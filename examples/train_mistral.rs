@@ -253,6 +253,12 @@ fn run(mut args: Args) -> anyhow::Result<()> {
         )?,
         None => Trainer::new(model, loss, train, eval, config)?,
     };
+    if let Some(bytes) = trainer.collective_bytes_per_step() {
+        println!(
+            "data-parallel: {:.3} GB through collectives per step and rank",
+            bytes as f64 / 1e9
+        );
+    }
     let folder = match args.resume.as_deref() {
         Some("latest") => {
             let latest = latest_checkpoint(&args.output_dir);

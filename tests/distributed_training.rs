@@ -148,7 +148,12 @@ fn two_processes_train_as_one_with_twice_the_prompts() {
             "1",
         ];
         args.extend_from_slice(extra);
-        succeed(torchrun(&flags(&two, &args), 0), name);
+        let job = succeed(torchrun(&flags(&two, &args), 0), name);
+        assert!(
+            text(&job.stdout).contains("GB through collectives per step and rank"),
+            "{name}: {}",
+            text(&job.stdout)
+        );
         let mut args = vec!["--max-steps", "3", "--prompts-per-batch", "2"];
         args.extend_from_slice(&accumulation);
         succeed(single(&flags(&one, &args)), name);
@@ -214,6 +219,15 @@ fn rank(rank: usize, port: u16, args: &[String]) -> Child {
         .stderr(Stdio::piped())
         .spawn()
         .expect("spawn a rank")
+}
+
+/// A torchrun job of `args` (output captured), once its `checkpoint-20` exists in `out`.
+fn start_job_until_step_20(args: &[String], restarts: u32, out: &Path) -> Child {
+    let mut job = torchrun(args, restarts);
+    job.stdout(Stdio::piped()).stderr(Stdio::piped());
+    let child = job.spawn().expect("torchrun");
+    wait_for(&out.join("checkpoint-20"), Duration::from_secs(120));
+    child
 }
 
 fn wait_for(path: &Path, limit: Duration) {
@@ -316,10 +330,7 @@ fn torchrun_restarts_a_job_that_lost_a_rank_from_its_latest_checkpoint() {
             "20",
         ],
     );
-    let mut job = torchrun(&args, 1);
-    job.stdout(Stdio::piped()).stderr(Stdio::piped());
-    let child = job.spawn().expect("torchrun");
-    wait_for(&out.join("checkpoint-20"), Duration::from_secs(120));
+    let child = start_job_until_step_20(&args, 1, &out);
     // Kill the first attempt's rank 1 (a process of this job whose RANK is 1).
     let victim = ranks_of(&out)
         .into_iter()
@@ -382,10 +393,7 @@ fn sigterm_to_torchrun_stops_every_rank_at_one_step_with_a_whole_checkpoint() {
             "--shard-optimizer",
         ],
     );
-    let mut job = torchrun(&args, 0);
-    job.stdout(Stdio::piped()).stderr(Stdio::piped());
-    let child = job.spawn().expect("torchrun");
-    wait_for(&out.join("checkpoint-20"), Duration::from_secs(120));
+    let child = start_job_until_step_20(&args, 0, &out);
     // SAFETY: SIGTERM to the torchrun this test started; it forwards it to the ranks.
     unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
     let output = child.wait_with_output().expect("torchrun ends");

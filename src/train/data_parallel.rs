@@ -238,16 +238,19 @@ fn buckets(tensors: &[Tensor]) -> Vec<Vec<&Tensor>> {
     let mut bytes = 0;
     for t in tensors {
         let size = t.numel() * t.kind().elt_size_in_bytes();
-        let fits = out.last().is_some_and(|bucket| {
-            let first = bucket[0];
-            first.device() == t.device() && first.kind() == t.kind() && bytes + size <= BUCKET_BYTES
-        });
-        if fits {
-            out.last_mut().expect("a bucket").push(t);
-            bytes += size;
-        } else {
-            out.push(vec![t]);
-            bytes = size;
+        match out.last_mut() {
+            Some(bucket)
+                if bucket[0].device() == t.device()
+                    && bucket[0].kind() == t.kind()
+                    && bytes + size <= BUCKET_BYTES =>
+            {
+                bucket.push(t);
+                bytes += size;
+            }
+            _ => {
+                out.push(vec![t]);
+                bytes = size;
+            }
         }
     }
     out

@@ -61,6 +61,12 @@ impl DataParallel {
     fn optimizer_file(&self) -> String {
         match *self {}
     }
+    fn shards_optimizer(&self) -> bool {
+        match *self {}
+    }
+    fn bytes_per_step(&self) -> u64 {
+        match *self {}
+    }
     fn any(&self, _: bool) -> Result<bool> {
         match *self {}
     }
@@ -510,6 +516,13 @@ impl Trainer {
         }
     }
 
+    /// Bytes this rank moves through collectives each optimizer step (gradient all-reduce,
+    /// plus ZeRO-1's parameter broadcasts): what scaling across GPUs is reasoned from. None
+    /// for a single process.
+    pub fn collective_bytes_per_step(&self) -> Option<u64> {
+        self.parallel.as_ref().map(DataParallel::bytes_per_step)
+    }
+
     /// Whether this process writes the log, the reference cache and the model: always, but
     /// in a data-parallel job only rank 0.
     pub fn is_main(&self) -> bool {
@@ -687,41 +700,22 @@ impl Trainer {
         let Some(parallel) = &self.parallel else {
             return self.write_checkpoint(&folder, Vec::new());
         };
-        let own_file = parallel.optimizer_file();
-        let writes_shard = own_file != "optimizer.safetensors";
-        if writes_shard {
+        // With ZeRO-1 the other ranks stage their shards for rank 0 to move in; rank 0's own
+        // goes straight into the checkpoint it writes.
+        if parallel.shards_optimizer() && !parallel.is_main() {
+            let name = parallel.optimizer_file();
             std::fs::create_dir_all(&staging).map_err(|e| RefaError::io(&staging, &e))?;
-            let path = staging.join(&own_file);
-            let partial = staging.join(format!(".{own_file}.partial"));
-            crate::mistral::write_safetensors(
-                &partial,
-                &self.optimizer.state_tensors(),
-                Kind::Float,
-            )?;
+            let partial = staging.join(format!(".{name}.partial"));
+            let tensors = self.optimizer.state_tensors();
+            crate::mistral::write_safetensors(&partial, &tensors, Kind::Float)?;
+            let path = staging.join(&name);
             std::fs::rename(&partial, &path).map_err(|e| RefaError::io(&path, &e))?;
         }
         parallel.barrier()?;
         let result = if parallel.is_main() {
-            let shards = if writes_shard {
-                let mut names: Vec<String> = std::fs::read_dir(&staging)
-                    .map_err(|e| RefaError::io(&staging, &e))?
-                    .filter_map(|e| Some(e.ok()?.file_name().to_string_lossy().into_owned()))
-                    .filter(|n| n.starts_with("optimizer-"))
-                    .collect();
-                names.sort();
-                names
-            } else {
-                Vec::new()
-            };
-            let moved = shards
-                .into_iter()
-                .map(|name| {
-                    let path = staging.join(&name);
-                    (name, CheckpointFile::Moved(path))
-                })
-                .collect();
+            let moved = staged_shards(&staging, parallel.world())?;
             let written = self.write_checkpoint(&folder, moved);
-            if writes_shard {
+            if staging.exists() {
                 let _ = remove_folder_atomically(&staging);
             }
             written
@@ -1171,6 +1165,29 @@ fn copy_into(targets: &[(String, Tensor)], source: &[(String, Tensor)]) -> Resul
         }
         Ok(())
     })
+}
+
+/// The optimizer shards the other ranks of a job of `world` staged in `staging` (none when
+/// the folder does not exist), to be moved into rank 0's checkpoint. Files of another world
+/// size (left by an earlier, failed job) are not taken.
+fn staged_shards(staging: &Path, world: usize) -> Result<Vec<(String, CheckpointFile)>> {
+    if !staging.exists() {
+        return Ok(Vec::new());
+    }
+    let suffix = format!("-of-{world:05}.safetensors");
+    let mut names: Vec<String> = std::fs::read_dir(staging)
+        .map_err(|e| RefaError::io(staging, &e))?
+        .filter_map(|e| Some(e.ok()?.file_name().to_string_lossy().into_owned()))
+        .filter(|n| n.starts_with("optimizer-") && n.ends_with(&suffix))
+        .collect();
+    names.sort();
+    Ok(names
+        .into_iter()
+        .map(|name| {
+            let path = staging.join(&name);
+            (name, CheckpointFile::Moved(path))
+        })
+        .collect())
 }
 
 /// Every trainable parameter with its name (what the optimizer and the gradient all-reduce
