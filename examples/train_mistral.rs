@@ -163,9 +163,10 @@ struct Args {
     #[arg(long)]
     resume: Option<String>,
     /// Under torchrun (data-parallel, feature `distributed`): seconds a collective may wait
-    /// for the other ranks before the run stops with an error naming the lost ones.
-    #[arg(long, default_value_t = 600)]
-    dist_timeout: u64,
+    /// for the other ranks before the run stops with an error naming the lost ones (default
+    /// 600).
+    #[arg(long)]
+    dist_timeout: Option<u64>,
     /// Under torchrun: ZeRO-1, each rank keeps the optimizer state of its share of the
     /// parameters only (f32 master weights and moments: 12 of 16 bytes a parameter).
     #[arg(long)]
@@ -182,6 +183,15 @@ fn main() {
 
 fn run(mut args: Args) -> anyhow::Result<()> {
     let job = common::job()?;
+    if job.is_none() && (args.shard_optimizer || args.dist_timeout.is_some()) {
+        bail!(
+            "--shard-optimizer and --dist-timeout apply to a data-parallel job, and WORLD_SIZE \
+             is unset: launch with `torchrun --no-python --nproc_per_node N` (docs/distributed.md)"
+        );
+    }
+    if args.dist_timeout == Some(0) {
+        bail!("--dist-timeout 0: must be >= 1 second");
+    }
     let mut device = args.device.resolve()?;
     if let (Some(job), Device::Cuda(_)) = (&job, device) {
         device = Device::Cuda(job.local_rank); // one GPU per process
@@ -248,7 +258,7 @@ fn run(mut args: Args) -> anyhow::Result<()> {
         Some(job) => common::distributed_trainer(
             &job,
             (model, loss, train, eval, config),
-            args.dist_timeout,
+            args.dist_timeout.unwrap_or(600),
             args.shard_optimizer,
         )?,
         None => Trainer::new(model, loss, train, eval, config)?,

@@ -224,8 +224,13 @@ impl ProcessGroup {
             return Err(RefaError::Distributed {
                 operation: "setup",
                 message: format!(
-                    "rank {} of {} could not meet its peers at {}:{} within {:?}: {text}",
-                    job.rank, job.world_size, job.master_addr, job.master_port, timeout
+                    "rank {} of {} could not meet its peers at {}:{} within {:?}: {}",
+                    job.rank,
+                    job.world_size,
+                    job.master_addr,
+                    job.master_port,
+                    timeout,
+                    text.lines().next().unwrap_or("")
                 ),
             });
         }

@@ -136,6 +136,8 @@ fn bad_trainer_flags_are_refused_before_the_first_step() {
         ),
         (&["--loss", "simpo", "--gamma", "2"], "`gamma`"),
         (&["--share-prompts", "--recompute", "all"], "`recompute`"),
+        (&["--shard-optimizer"], "--shard-optimizer"),
+        (&["--dist-timeout", "5"], "--dist-timeout"),
         (&["--loss", "refa-dynamic", "--tau", "0.5"], "`tau`"),
         (&["--eos-budget", "8"], "eos_budget"),
     ];
