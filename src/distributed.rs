@@ -94,7 +94,7 @@ pub struct JobEnv {
 impl JobEnv {
     /// The job torchrun (or any launcher setting the same variables) started this process
     /// in; `None` when `WORLD_SIZE` is unset (a plain, single-process run). A variable that
-    /// is set but malformed, or a rank outside the world, is an [`RefaError::InvalidOption`].
+    /// is set but malformed, or a rank outside the world, is an [`RefaError::InvalidSetting`].
     pub fn from_env() -> Result<Option<JobEnv>> {
         Self::from_vars(|name| std::env::var(name).ok())
     }

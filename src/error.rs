@@ -56,28 +56,15 @@ pub enum RefaError {
         requirement: &'static str,
     },
 
-    /// A setting of a non-loss component (the scorer) is out of its domain.
-    #[error("invalid setting `{name}` = {value} for {component}: must be {requirement}")]
-    InvalidSetting {
-        /// The component, e.g. `"ScoringConfig"`.
-        component: &'static str,
-        /// The setting, e.g. `"eos_id"`.
-        name: &'static str,
-        /// The value it had.
-        value: i64,
-        /// The domain, e.g. `"in [0, 32000) (the vocabulary)"`.
-        requirement: String,
-    },
-
-    /// A setting of the model, the trainer or the data pipeline (a flag of the examples) is
-    /// out of its domain; checked before any work starts.
+    /// A setting of the scorer, the model, the trainer or the data pipeline (a flag of the
+    /// examples) is out of its domain; checked before any work starts.
     #[error("invalid setting `{name}` = {value}: must be {requirement}")]
-    InvalidOption {
-        /// The setting, e.g. `"lr"` or `"lora.rank"`.
+    InvalidSetting {
+        /// The setting, e.g. `"lr"`, `"lora.rank"` or `"eos_id"`.
         name: &'static str,
         /// The value it had, as text.
         value: String,
-        /// The domain, e.g. `"finite and > 0"`.
+        /// The domain, e.g. `"finite and > 0"` or `"in [0, 32000), the vocabulary"`.
         requirement: String,
     },
 
@@ -268,20 +255,20 @@ impl RefaError {
         }
     }
 
-    /// [`RefaError::InvalidOption`] for the setting `name`.
+    /// [`RefaError::InvalidSetting`] for the setting `name`.
     pub fn option(
         name: &'static str,
         value: impl std::fmt::Display,
         requirement: impl Into<String>,
     ) -> Self {
-        RefaError::InvalidOption {
+        RefaError::InvalidSetting {
             name,
             value: value.to_string(),
             requirement: requirement.into(),
         }
     }
 
-    /// [`RefaError::InvalidOption`] unless `ok`.
+    /// [`RefaError::InvalidSetting`] unless `ok`.
     pub fn require(
         ok: bool,
         name: &'static str,

@@ -259,12 +259,7 @@ pub fn top_bottom_sets(
     validate::same_device("mask", mask, "rewards", rewards.device())?;
     for (name, count) in [("top", top), ("bottom", bottom)] {
         if count == 0 {
-            return Err(RefaError::InvalidSetting {
-                component: "top_bottom_sets",
-                name,
-                value: 0,
-                requirement: ">= 1".to_string(),
-            });
+            return Err(RefaError::option(name, 0, ">= 1 (top_bottom_sets)"));
         }
     }
     let rewards = rewards.to_kind(Kind::Double);

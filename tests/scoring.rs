@@ -387,9 +387,9 @@ fn bad_scoring_input_gets_typed_errors() {
             err,
             RefaError::InvalidSetting {
                 name: "chunk_size",
-                value: 0,
+                ref value,
                 ..
-            }
+            } if value == "0"
         ),
         "{err}"
     );

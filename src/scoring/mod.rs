@@ -66,17 +66,14 @@ impl ScoringConfig {
     }
 
     pub(crate) fn validate(&self, vocab: i64) -> Result<()> {
-        let setting = |name, value, requirement: String| RefaError::InvalidSetting {
-            component: "ScoringConfig",
-            name,
-            value,
-            requirement,
+        let setting = |name, value: i64, requirement: String| {
+            RefaError::option(name, value, format!("{requirement} (ScoringConfig)"))
         };
         if !(0..vocab).contains(&self.eos_id) {
             return Err(setting(
                 "eos_id",
                 self.eos_id,
-                format!("in [0, {vocab}) (the vocabulary)"),
+                format!("in [0, {vocab}), the vocabulary"),
             ));
         }
         if self.chunk_size <= 0 {
@@ -86,7 +83,7 @@ impl ScoringConfig {
             return Err(setting(
                 "ignore_index",
                 self.ignore_index,
-                format!("outside [0, {vocab}) (not a token)"),
+                format!("outside [0, {vocab}), not a token"),
             ));
         }
         Ok(())
