@@ -3,7 +3,8 @@
 //! Each C function returns NULL on success or a `malloc`ed message that [`check`] turns into
 //! [`RefaError::Torch`] (every C++ exception is caught on the C++ side). Tensors cross as
 //! tch's `C_tensor` pointers, which are `at::Tensor*`. Nothing here is public: the crate's
-//! safe wrappers are [`adamw_step`], [`clip_grad_norm`] and [`memory_stats`].
+//! safe wrappers are `adamw_step` and `clip_grad_norm` (feature `trainer`, the only user),
+//! [`memory_stats`] and [`pin_memory`].
 
 #![cfg_attr(feature = "doc-only", allow(unused_imports, dead_code))]
 
@@ -17,6 +18,7 @@ use crate::error::{RefaError, Result};
 #[cfg(not(feature = "doc-only"))]
 extern "C" {
     fn refa_free_error(message: *mut c_char);
+    #[cfg(feature = "trainer")]
     #[allow(clippy::too_many_arguments)]
     fn refa_adamw_step(
         targets: *const *mut C_tensor,
@@ -33,6 +35,7 @@ extern "C" {
         eps: f64,
         found_inf: *mut C_tensor,
     ) -> *mut c_char;
+    #[cfg(feature = "trainer")]
     fn refa_clip_grad_norm(
         grads: *const *mut C_tensor,
         count: usize,
@@ -75,6 +78,7 @@ fn pointer(t: &Tensor) -> *mut C_tensor {
 /// One tensor of [`adamw_step`]: the f32/f64 tensor updated, its gradient, its moments, the
 /// low-precision parameter a master copy is rounded into, and the step counter (a 0-dim
 /// float tensor on the target's device, already incremented).
+#[cfg(feature = "trainer")]
 pub(crate) struct AdamWSlot<'a> {
     pub target: &'a Tensor,
     pub grad: &'a Tensor,
@@ -85,6 +89,7 @@ pub(crate) struct AdamWSlot<'a> {
 }
 
 /// AdamW's hyperparameters for one step.
+#[cfg(feature = "trainer")]
 pub(crate) struct AdamWHyper {
     pub lr: f64,
     pub beta1: f64,
@@ -95,7 +100,7 @@ pub(crate) struct AdamWHyper {
 
 /// One fused AdamW step (`at::_fused_adamw_`) over `slots`, then every gradient zeroed. A
 /// non-zero `found_inf` (0-dim float on the device) makes the kernel skip the update.
-#[cfg(not(feature = "doc-only"))]
+#[cfg(all(feature = "trainer", not(feature = "doc-only")))]
 pub(crate) fn adamw_step(
     slots: &[AdamWSlot<'_>],
     hyper: &AdamWHyper,
@@ -134,7 +139,7 @@ pub(crate) fn adamw_step(
 
 /// The global L2 norm of `grads` as a 0-dim f32 tensor on their device (no host
 /// synchronization), scaling them in place to at most `max_norm` when it is > 0.
-#[cfg(not(feature = "doc-only"))]
+#[cfg(all(feature = "trainer", not(feature = "doc-only")))]
 pub(crate) fn clip_grad_norm(grads: &[&Tensor], max_norm: f64) -> Result<Tensor> {
     let pointers: Vec<*mut C_tensor> = grads.iter().map(|g| pointer(g)).collect();
     let mut norm: *mut C_tensor = std::ptr::null_mut();
@@ -179,6 +184,7 @@ mod unlinked {
     fn unavailable<T>() -> Result<T> {
         Err(RefaError::torch("built with `doc-only`: no libtorch"))
     }
+    #[cfg(feature = "trainer")]
     pub(crate) fn adamw_step(
         _: &[AdamWSlot<'_>],
         _: &AdamWHyper,
@@ -186,6 +192,7 @@ mod unlinked {
     ) -> Result<()> {
         unavailable()
     }
+    #[cfg(feature = "trainer")]
     pub(crate) fn clip_grad_norm(_: &[&Tensor], _: f64) -> Result<Tensor> {
         unavailable()
     }
