@@ -28,7 +28,7 @@ use clap::Parser;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use refa_loss::data::TokenizedExample;
-use refa_loss::mistral::{Encoded, LoraConfig, Mistral, MistralConfig};
+use refa_loss::model::{Encoded, LoraConfig, CausalLm, ModelConfig};
 use refa_loss::scoring::ScoringConfig;
 use refa_loss::train::{CosineSchedule, Recompute, TrainConfig, Trainer};
 use refa_loss::{device, RefaDynamic};
@@ -109,7 +109,7 @@ fn run(args: Args) -> anyhow::Result<()> {
         rank: args.lora_rank,
         ..LoraConfig::default()
     });
-    let model = Mistral::new(config.clone(), device, kind, lora.as_ref())?;
+    let model = CausalLm::new(config.clone(), device, kind, lora.as_ref())?;
     model.init_random(args.seed as i64);
     let parameters: i64 = model
         .var_store()
@@ -225,7 +225,7 @@ fn median(values: &mut [f64]) -> f64 {
 }
 
 /// The presets the benchmarks use; anything else is read as a config.json path.
-fn model_config(name: &str) -> anyhow::Result<MistralConfig> {
+fn model_config(name: &str) -> anyhow::Result<ModelConfig> {
     let preset = |vocab: i64, hidden: i64, layers: i64, heads: i64, kv: i64, inter: i64| {
         serde_json::json!({
             "vocab_size": vocab, "hidden_size": hidden, "intermediate_size": inter,
@@ -247,11 +247,11 @@ fn model_config(name: &str) -> anyhow::Result<MistralConfig> {
         "7b" => preset(32000, 4096, 32, 32, 8, 14336),
         path => std::fs::read_to_string(path).with_context(|| path.to_string())?,
     };
-    Ok(MistralConfig::from_json(&text)?)
+    Ok(ModelConfig::from_json(&text)?)
 }
 
 /// `prompts` examples of `responses` random sequences each, ending with EOS.
-fn synthetic_batch(args: &Args, config: &MistralConfig) -> Vec<TokenizedExample> {
+fn synthetic_batch(args: &Args, config: &ModelConfig) -> Vec<TokenizedExample> {
     let mut rng = ChaCha8Rng::seed_from_u64(args.seed ^ 0xbe4c);
     let shortest = args.tokens / 2;
     let prompt_len =
@@ -285,7 +285,7 @@ fn synthetic_batch(args: &Args, config: &MistralConfig) -> Vec<TokenizedExample>
 /// "rewards": […]}]}`) for the Python side.
 fn dump(
     dir: &PathBuf,
-    config: &MistralConfig,
+    config: &ModelConfig,
     examples: &[TokenizedExample],
 ) -> anyhow::Result<()> {
     std::fs::create_dir_all(dir).with_context(|| dir.display().to_string())?;

@@ -24,7 +24,7 @@ use clap::Parser;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use refa_loss::data::{split_eval, TokenizedExample};
-use refa_loss::mistral::{ChatTemplate, ChatTokenizer, GenerationOptions, Mistral, MistralConfig};
+use refa_loss::model::{ChatTemplate, ChatTokenizer, GenerationOptions, CausalLm, ModelConfig};
 use refa_loss::train::{CosineSchedule, Recompute, TrainConfig, Trainer};
 use refa_loss::{
     EosMode, EosRegularizer, LossMetrics, LossOutput, PreferenceBatch, PreferenceLoss, RefaDynamic,
@@ -226,8 +226,8 @@ fn train_sft(
             })
         })
         .collect::<RefaResult<_>>()?;
-    let model = Mistral::new(
-        MistralConfig::from_json(TINY_CONFIG)?,
+    let model = CausalLm::new(
+        ModelConfig::from_json(TINY_CONFIG)?,
         Device::Cpu,
         Kind::Float,
         None,
@@ -266,7 +266,7 @@ fn train_preference(
             })
         })
         .collect::<RefaResult<_>>()?;
-    let model = Mistral::from_pretrained(sft, Device::Cpu, Kind::Float, None)?;
+    let model = CausalLm::from_pretrained(sft, Device::Cpu, Kind::Float, None)?;
     let loss: Box<dyn PreferenceLoss> = match regularizer {
         Some(r) => Box::new(RefaDynamic::default().with_regularizer(r)),
         None => Box::new(RefaDynamic::default()),
@@ -300,7 +300,7 @@ fn train_config(dir: &Path, seed: u64, steps: i64, lr: f64, prompts: usize) -> T
 }
 
 fn train(
-    model: Mistral,
+    model: CausalLm,
     loss: Box<dyn PreferenceLoss>,
     examples: Vec<TokenizedExample>,
     config: TrainConfig,
@@ -320,7 +320,7 @@ fn evaluate(
     tasks: &[Task],
     show: bool,
 ) -> anyhow::Result<(f64, f64)> {
-    let model = Mistral::from_pretrained(checkpoint, Device::Cpu, Kind::Float, None)?;
+    let model = CausalLm::from_pretrained(checkpoint, Device::Cpu, Kind::Float, None)?;
     let options = GenerationOptions {
         max_new_tokens: 80,
         ..GenerationOptions::default()

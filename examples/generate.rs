@@ -19,7 +19,7 @@ use std::path::PathBuf;
 use common::CheckpointArgs;
 
 use clap::Parser;
-use refa_loss::mistral::GenerationOptions;
+use refa_loss::model::GenerationOptions;
 
 #[derive(Parser, Debug)]
 #[command(about = "Generate answers with a checkpoint, in AlpacaEval's model_outputs.json format")]

@@ -20,7 +20,7 @@ use std::path::PathBuf;
 use anyhow::Context;
 use clap::Parser;
 
-use refa_loss::mistral::{ForwardOptions, Mistral, Padding};
+use refa_loss::model::{ForwardOptions, CausalLm, Padding};
 use refa_loss::scoring::{
     preference_loss_backward, score_hidden, PreferenceTargets, ScoringConfig,
 };
@@ -68,7 +68,7 @@ fn run(args: Args) -> anyhow::Result<bool> {
             .1
             .to(device))
     };
-    let model = Mistral::from_pretrained(args.dir.join("model"), device, kind, None)?;
+    let model = CausalLm::from_pretrained(args.dir.join("model"), device, kind, None)?;
     let (ids, mask, labels, rewards) = (
         get("input_ids")?,
         get("attention_mask")?,

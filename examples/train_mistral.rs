@@ -22,8 +22,8 @@ use clap::Parser;
 use indicatif::{ProgressBar, ProgressStyle};
 use refa_loss::analysis::plot_history;
 use refa_loss::data::{split_eval, tokenize_records, DataFormat, ScoreField, TokenizedExample};
-use refa_loss::mistral::{
-    ChatTokenizer, LoraConfig, LoraTarget, Mistral, MistralConfig, TemplateChoice,
+use refa_loss::model::{
+    ChatTokenizer, LoraConfig, LoraTarget, CausalLm, ModelConfig, TemplateChoice,
 };
 use refa_loss::scoring::ScoringConfig;
 use refa_loss::train::{
@@ -338,21 +338,21 @@ fn load_model(
     device: Device,
     kind: tch::Kind,
     lora: Option<&LoraConfig>,
-) -> anyhow::Result<Mistral> {
+) -> anyhow::Result<CausalLm> {
     // LoRA's A matrices are drawn when the model is built: from the seeded generator, so
     // that a run (and every rank of a job) is reproducible from --seed.
     tch::manual_seed(args.seed as i64);
     Ok(match &args.model {
-        Some(folder) => Mistral::from_pretrained(folder, device, kind, lora)?,
+        Some(folder) => CausalLm::from_pretrained(folder, device, kind, lora)?,
         None => {
-            let model = Mistral::new(MistralConfig::from_json(TINY_CONFIG)?, device, kind, lora)?;
+            let model = CausalLm::new(ModelConfig::from_json(TINY_CONFIG)?, device, kind, lora)?;
             model.init_random(args.seed as i64);
             model
         }
     })
 }
 
-fn load_tokenizer(args: &Args, config: &MistralConfig) -> anyhow::Result<ChatTokenizer> {
+fn load_tokenizer(args: &Args, config: &ModelConfig) -> anyhow::Result<ChatTokenizer> {
     let (bos, eos) = (config.bos_token_id, config.eos_token_id);
     let builtin = args.template.builtin();
     let mut tokenizer = match (&args.tokenizer, &args.model) {
@@ -374,7 +374,7 @@ fn load_tokenizer(args: &Args, config: &MistralConfig) -> anyhow::Result<ChatTok
 }
 
 /// `(max_prompt_tokens, max_tokens)`: the flags, or defaults that fit the model's context.
-fn token_limits(args: &Args, config: &MistralConfig) -> anyhow::Result<(usize, usize)> {
+fn token_limits(args: &Args, config: &ModelConfig) -> anyhow::Result<(usize, usize)> {
     let positions = config.max_position_embeddings.max(0) as usize;
     let max_tokens = args.max_tokens.unwrap_or(positions.min(1024));
     if max_tokens > positions {
@@ -415,7 +415,7 @@ fn load_examples(
     Ok(split_eval(examples, args.eval_fraction, args.seed)?)
 }
 
-fn trainable(model: &Mistral) -> i64 {
+fn trainable(model: &CausalLm) -> i64 {
     model
         .var_store()
         .trainable_variables()

@@ -86,13 +86,13 @@ mod ffi;
 #[cfg(all(feature = "doc-only", not(doc)))]
 compile_error!(
     "feature `doc-only` is for documentation builds (docs.rs) only; build and test with \
-     `--features trainer` (or `mistral`) instead of `--all-features`"
+     `--features trainer` (or `model`) instead of `--all-features`"
 );
 #[cfg(feature = "trainer")]
 pub mod analysis;
 pub mod loss;
-#[cfg(feature = "mistral")]
-pub mod mistral;
+#[cfg(feature = "model")]
+pub mod model;
 mod partition;
 mod reduce;
 pub mod scoring;

@@ -16,8 +16,8 @@ pub const RELATIVE_TIE_TOLERANCE: f64 = 1e-9;
 
 /// How a response's reward deviation `r − r̄` enters its weight `exp(α·d)`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-#[cfg_attr(feature = "mistral", derive(serde::Serialize, serde::Deserialize))]
-#[cfg_attr(feature = "mistral", serde(rename_all = "kebab-case"))]
+#[cfg_attr(feature = "model", derive(serde::Serialize, serde::Deserialize))]
+#[cfg_attr(feature = "model", serde(rename_all = "kebab-case"))]
 #[cfg_attr(feature = "trainer", derive(clap::ValueEnum))]
 pub enum DeviationMode {
     /// `d = |r − r̄|^p`: responses far from the mean on either side weigh more (SWEPO/MPO

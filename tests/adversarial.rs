@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use proptest::prelude::*;
 use refa_loss::data::{parse_jsonl_bytes, DataFormat, ScoreField};
-use refa_loss::mistral::{Mistral, MistralConfig, SaveOptions};
+use refa_loss::model::{CausalLm, ModelConfig, SaveOptions};
 use refa_loss::train::TrainerState;
 use tch::{Device, Kind, Tensor};
 
@@ -160,13 +160,13 @@ fn bad_trainer_flags_are_refused_before_the_first_step() {
 
 /// A model folder (config, weights, tokenizer) saved from the tiny config with `edit`
 /// applied to its config first.
-fn model_folder(parent: &Path, name: &str, edit: impl FnOnce(&mut MistralConfig)) -> PathBuf {
+fn model_folder(parent: &Path, name: &str, edit: impl FnOnce(&mut ModelConfig)) -> PathBuf {
     let text =
         std::fs::read_to_string(repo_file("examples/data/tiny-config.json")).expect("config");
-    let mut config = MistralConfig::from_json(&text).expect("config");
+    let mut config = ModelConfig::from_json(&text).expect("config");
     edit(&mut config);
     let folder = parent.join(name);
-    let model = Mistral::new(config, Device::Cpu, Kind::Float, None).expect("model");
+    let model = CausalLm::new(config, Device::Cpu, Kind::Float, None).expect("model");
     model.init_random(3);
     model
         .save_pretrained(&folder, SaveOptions::default())
@@ -586,7 +586,7 @@ fn kills_during_saving_and_pruning_leave_every_visible_checkpoint_loadable() {
             }
             let state =
                 TrainerState::read(&path).unwrap_or_else(|e| panic!("round {round}: {name}: {e}"));
-            Mistral::from_pretrained(&path, Device::Cpu, Kind::Float, None)
+            CausalLm::from_pretrained(&path, Device::Cpu, Kind::Float, None)
                 .unwrap_or_else(|e| panic!("round {round}: {name}: {e}"));
             Tensor::read_safetensors(path.join("optimizer.safetensors"))
                 .unwrap_or_else(|e| panic!("round {round}: {name} optimizer: {e}"));

@@ -1,13 +1,13 @@
 //! Mistral in tch against Hugging Face transformers (fixtures from
 //! `tests/fixtures/make_mistral_fixtures.py`), checkpoint round trips, recomputation, LoRA,
 //! and tokenization with chat templates.
-#![cfg(feature = "mistral")]
+#![cfg(feature = "model")]
 
 use std::path::{Path, PathBuf};
 
-use refa_loss::mistral::{
-    ChatTemplate, ChatTokenizer, CheckpointReader, ForwardOptions, LoraConfig, LoraTarget, Mistral,
-    MistralConfig, Padding, SaveOptions,
+use refa_loss::model::{
+    ChatTemplate, ChatTokenizer, CheckpointReader, ForwardOptions, LoraConfig, LoraTarget, CausalLm,
+    ModelConfig, Padding, SaveOptions,
 };
 use refa_loss::RefaError;
 use tch::{Device, Kind, Tensor};
@@ -55,7 +55,7 @@ fn logits_match_transformers_within_1e4() {
     for name in ["tiny", "sliding", "sharded", "tied"] {
         let folder = fixture(&format!("mistral/{name}"));
         let model =
-            Mistral::from_pretrained(&folder, Device::Cpu, Kind::Float, None).expect("load");
+            CausalLm::from_pretrained(&folder, Device::Cpu, Kind::Float, None).expect("load");
         let (ids, mask, expected) = reference(&folder);
         let logits = model.logits(&model.forward(&ids, &mask, false).expect("forward"));
         let error = max_error_on_tokens(&logits, &expected, &mask);
@@ -70,13 +70,10 @@ fn logits_match_transformers_within_1e4() {
 fn sliding_window_changes_the_result_when_shorter_than_the_sequence() {
     // Guard that the window is really applied: without it the logits differ.
     let folder = fixture("mistral/sliding");
-    let config = MistralConfig::from_file(folder.join("config.json")).expect("config");
+    let config = ModelConfig::from_file(folder.join("config.json")).expect("config");
     assert_eq!(config.sliding_window, Some(4));
-    let unwindowed = MistralConfig {
-        sliding_window: None,
-        ..config
-    };
-    let model = Mistral::new(unwindowed, Device::Cpu, Kind::Float, None).expect("model");
+    let unwindowed = config.with_sliding_window(None);
+    let model = CausalLm::new(unwindowed, Device::Cpu, Kind::Float, None).expect("model");
     model
         .load_weights(&CheckpointReader::open(&folder).expect("reader"))
         .expect("weights");
@@ -87,7 +84,7 @@ fn sliding_window_changes_the_result_when_shorter_than_the_sequence() {
 
 #[test]
 fn a_saved_checkpoint_loads_back_identically_single_and_sharded() {
-    let model = Mistral::from_pretrained(fixture("mistral/tiny"), Device::Cpu, Kind::Float, None)
+    let model = CausalLm::from_pretrained(fixture("mistral/tiny"), Device::Cpu, Kind::Float, None)
         .expect("load");
     let (ids, mask, _) = reference(&fixture("mistral/tiny"));
     let before = model.forward(&ids, &mask, false).expect("forward");
@@ -108,7 +105,7 @@ fn a_saved_checkpoint_loads_back_identically_single_and_sharded() {
             name == "sharded"
         );
         let reloaded =
-            Mistral::from_pretrained(&folder, Device::Cpu, Kind::Float, None).expect("reload");
+            CausalLm::from_pretrained(&folder, Device::Cpu, Kind::Float, None).expect("reload");
         let after = reloaded.forward(&ids, &mask, false).expect("forward");
         assert_eq!(
             (&before - &after).abs().max().double_value(&[]),
@@ -152,22 +149,26 @@ fn a_saved_checkpoint_loads_back_identically_single_and_sharded() {
 
 #[test]
 fn config_reads_hugging_face_files_and_names_missing_fields() {
-    let config = MistralConfig::from_file(fixture("mistral/tiny/config.json")).expect("config");
+    let config = ModelConfig::from_file(fixture("mistral/tiny/config.json")).expect("config");
     assert_eq!(
         (config.hidden_size, config.kv_heads(), config.head_width()),
         (32, 2, 8)
     );
     assert_eq!(config.rope_base(), 10000.0);
-    // An old-style file: no head_dim, top-level rope_theta, unknown fields.
-    let old = r#"{"vocab_size": 10, "hidden_size": 16, "intermediate_size": 8, "num_hidden_layers": 1,
-                  "num_attention_heads": 2, "rope_theta": 500.0, "sliding_window": null, "whatever": [1]}"#;
-    let config = MistralConfig::from_json(old).expect("old config");
+    // An old-style file: no head_dim, top-level rope_theta, bookkeeping fields.
+    let old = r#"{"model_type": "mistral", "vocab_size": 10, "hidden_size": 16, "intermediate_size": 8, "num_hidden_layers": 1,
+                  "num_attention_heads": 2, "rope_theta": 500.0, "sliding_window": null, "_name_or_path": "x"}"#;
+    let config = ModelConfig::from_json(old).expect("old config");
+    // A key that might change the model is refused by name, never ignored.
+    let unknown = old.replace("\"_name_or_path\": \"x\"", "\"whatever\": [1]");
+    let message = ModelConfig::from_json(&unknown).unwrap_err().to_string();
+    assert!(message.contains("`whatever`"), "{message}");
     assert_eq!(
         (config.head_width(), config.kv_heads(), config.rope_base()),
         (8, 2, 500.0)
     );
-    let missing = r#"{"vocab_size": 10, "intermediate_size": 8, "num_hidden_layers": 1, "num_attention_heads": 2}"#;
-    let err = MistralConfig::from_json(missing).unwrap_err();
+    let missing = r#"{"model_type": "mistral", "vocab_size": 10, "intermediate_size": 8, "num_hidden_layers": 1, "num_attention_heads": 2}"#;
+    let err = ModelConfig::from_json(missing).unwrap_err();
     assert!(
         matches!(err, RefaError::Config { .. }) && err.to_string().contains("hidden_size"),
         "{err}"
@@ -176,7 +177,7 @@ fn config_reads_hugging_face_files_and_names_missing_fields() {
         "\"num_attention_heads\": 2",
         "\"num_attention_heads\": 3, \"num_key_value_heads\": 2",
     );
-    assert!(MistralConfig::from_json(&bad)
+    assert!(ModelConfig::from_json(&bad)
         .unwrap_err()
         .to_string()
         .contains("multiple"));
@@ -184,7 +185,7 @@ fn config_reads_hugging_face_files_and_names_missing_fields() {
 
 #[test]
 fn missing_extra_and_misshaped_tensors_are_named() {
-    let source = Mistral::from_pretrained(fixture("mistral/tiny"), Device::Cpu, Kind::Float, None)
+    let source = CausalLm::from_pretrained(fixture("mistral/tiny"), Device::Cpu, Kind::Float, None)
         .expect("load");
     let reader = CheckpointReader::open(fixture("mistral/tiny")).expect("reader");
     let all: Vec<(String, Tensor)> = reader
@@ -199,7 +200,7 @@ fn missing_extra_and_misshaped_tensors_are_named() {
     let dir = tempfile::tempdir().expect("temp dir");
     let write = |name: &str, tensors: Vec<(String, Tensor)>| {
         let folder = dir.path().join(name);
-        refa_loss::mistral::write_checkpoint(
+        refa_loss::model::write_checkpoint(
             &folder,
             &tensors,
             &[],
@@ -263,9 +264,9 @@ fn missing_extra_and_misshaped_tensors_are_named() {
     );
 }
 
-fn random_model(kind: Kind, lora: Option<&LoraConfig>) -> Mistral {
-    let config = MistralConfig::from_file(fixture("mistral/sliding/config.json")).expect("config");
-    let model = Mistral::new(config, Device::Cpu, kind, lora).expect("model");
+fn random_model(kind: Kind, lora: Option<&LoraConfig>) -> CausalLm {
+    let config = ModelConfig::from_file(fixture("mistral/sliding/config.json")).expect("config");
+    let model = CausalLm::new(config, Device::Cpu, kind, lora).expect("model");
     model.init_random(5);
     model
 }
@@ -276,7 +277,7 @@ fn batch() -> (Tensor, Tensor) {
 }
 
 /// Gradients of `Σ hidden ⊙ probe` with respect to every trainable variable.
-fn gradients(model: &Mistral, recompute: bool, train: bool) -> Vec<(String, Tensor)> {
+fn gradients(model: &CausalLm, recompute: bool, train: bool) -> Vec<(String, Tensor)> {
     let (ids, mask) = batch();
     for t in model.var_store().trainable_variables() {
         let mut g = t.grad();
@@ -357,7 +358,7 @@ fn recomputation_gives_the_plain_gradients() {
 }
 
 /// Non-zero B, so that the adapters (and their dropout) affect the output.
-fn perturb_adapters(model: &Mistral) {
+fn perturb_adapters(model: &CausalLm) {
     tch::no_grad(|| {
         for (name, mut t) in model.var_store().variables() {
             if name.contains("lora_B") {
@@ -377,9 +378,9 @@ fn lora_starts_equal_to_the_base_and_merges_exactly() {
         targets: LoraTarget::ALL.to_vec(),
     };
     let folder = fixture("mistral/tiny");
-    let base = Mistral::from_pretrained(&folder, Device::Cpu, Kind::Float, None).expect("base");
+    let base = CausalLm::from_pretrained(&folder, Device::Cpu, Kind::Float, None).expect("base");
     let adapted =
-        Mistral::from_pretrained(&folder, Device::Cpu, Kind::Float, Some(&lora)).expect("lora");
+        CausalLm::from_pretrained(&folder, Device::Cpu, Kind::Float, Some(&lora)).expect("lora");
     let (ids, mask) = batch();
     let h0 = base.forward(&ids, &mask, false).expect("base forward");
     let h1 = adapted.forward(&ids, &mask, false).expect("lora forward");
@@ -407,7 +408,7 @@ fn lora_starts_equal_to_the_base_and_merges_exactly() {
         )
         .expect("save");
     let merged =
-        Mistral::from_pretrained(dir.path().join("merged"), Device::Cpu, Kind::Float, None)
+        CausalLm::from_pretrained(dir.path().join("merged"), Device::Cpu, Kind::Float, None)
             .expect("merged");
     let merged_hidden = merged.forward(&ids, &mask, false).expect("forward");
     let diff = (&merged_hidden - &adapted_hidden)
@@ -421,7 +422,7 @@ fn lora_starts_equal_to_the_base_and_merges_exactly() {
 fn bf16_model_runs_close_to_f32() {
     let folder = fixture("mistral/tiny");
     let model =
-        Mistral::from_pretrained(&folder, Device::Cpu, Kind::BFloat16, None).expect("bf16 load");
+        CausalLm::from_pretrained(&folder, Device::Cpu, Kind::BFloat16, None).expect("bf16 load");
     let (ids, mask, expected) = reference(&folder);
     let logits = model
         .logits(&model.forward(&ids, &mask, false).expect("forward"))
@@ -477,7 +478,7 @@ fn chat_templates_frame_prompts_and_mark_responses() {
 }
 
 /// Greedy decoding by full recomputation of the whole sequence at every step.
-fn greedy_without_cache(model: &Mistral, prompt: &[i64], steps: usize) -> Vec<i64> {
+fn greedy_without_cache(model: &CausalLm, prompt: &[i64], steps: usize) -> Vec<i64> {
     let mut sequence = prompt.to_vec();
     let mut generated = Vec::new();
     for _ in 0..steps {
@@ -501,10 +502,10 @@ fn greedy_without_cache(model: &Mistral, prompt: &[i64], steps: usize) -> Vec<i6
 
 #[test]
 fn cached_generation_equals_full_recomputation() {
-    use refa_loss::mistral::GenerationOptions;
+    use refa_loss::model::GenerationOptions;
     // The sliding fixture has a window of 4: the cache path must apply it too.
     for name in ["tiny", "sliding"] {
-        let model = Mistral::from_pretrained(
+        let model = CausalLm::from_pretrained(
             fixture(&format!("mistral/{name}")),
             Device::Cpu,
             Kind::Float,
@@ -545,13 +546,10 @@ fn cached_generation_equals_full_recomputation() {
 #[test]
 fn right_padded_attention_without_a_mask_equals_the_masked_path() {
     let _rng = torch_rng();
-    let base = MistralConfig::from_file(fixture("mistral/sliding/config.json")).expect("config");
+    let base = ModelConfig::from_file(fixture("mistral/sliding/config.json")).expect("config");
     for window in [None, Some(3)] {
-        let config = MistralConfig {
-            sliding_window: window,
-            ..base.clone()
-        };
-        let model = Mistral::new(config, Device::Cpu, Kind::Float, None).expect("model");
+        let config = base.clone().with_sliding_window(window);
+        let model = CausalLm::new(config, Device::Cpu, Kind::Float, None).expect("model");
         model.init_random(17);
         let lengths = [9i64, 4, 7, 1];
         let width = 9;
@@ -620,20 +618,17 @@ fn right_padded_attention_without_a_mask_equals_the_masked_path() {
 /// for prompts of different lengths and an empty response slot.
 #[test]
 fn prefix_sharing_equals_the_plain_pass_in_values_and_gradients() {
-    use refa_loss::mistral::SharedPrefixBatch;
+    use refa_loss::model::SharedPrefixBatch;
     let _rng = torch_rng();
-    let base = MistralConfig::from_file(fixture("mistral/sliding/config.json")).expect("config");
+    let base = ModelConfig::from_file(fixture("mistral/sliding/config.json")).expect("config");
     let prompts: [&[i64]; 2] = [&[1, 7, 9, 4, 12], &[1, 5, 3]];
     let responses: [[&[i64]; 3]; 2] = [
         [&[8, 6, 2], &[10, 11, 13, 14, 2], &[15, 2]],
         [&[4, 4, 4, 2], &[], &[9, 2]],
     ];
     for window in [None, Some(4)] {
-        let config = MistralConfig {
-            sliding_window: window,
-            ..base.clone()
-        };
-        let model = Mistral::new(config, Device::Cpu, Kind::Float, None).expect("model");
+        let config = base.clone().with_sliding_window(window);
+        let model = CausalLm::new(config, Device::Cpu, Kind::Float, None).expect("model");
         model.init_random(23);
         let k = 3usize;
         let prompt_width = prompts.iter().map(|p| p.len()).max().unwrap();
@@ -747,7 +742,7 @@ fn prefix_sharing_equals_the_plain_pass_in_values_and_gradients() {
 /// prompts and whole conversations (unicode, spaces, newlines, an empty answer).
 #[test]
 fn checkpoint_chat_templates_match_transformers_token_for_token() {
-    use refa_loss::mistral::{ChatMessage, JinjaTemplate, TemplateChoice};
+    use refa_loss::model::{ChatMessage, JinjaTemplate, TemplateChoice};
     let root = fixture("chat_template");
     let expected: Vec<serde_json::Value> = serde_json::from_str(
         &std::fs::read_to_string(root.join("expected.json")).expect("fixture"),

@@ -8,8 +8,8 @@ use std::sync::atomic::AtomicBool;
 use refa_loss::data::{
     parse_jsonl, read_jsonl, split_eval, tokenize_records, DataFormat, ScoreField, TokenizedExample,
 };
-use refa_loss::mistral::{
-    ChatMessage, ChatTemplate, ChatTokenizer, JinjaTemplate, Mistral, MistralConfig, SaveOptions,
+use refa_loss::model::{
+    ChatMessage, ChatTemplate, ChatTokenizer, JinjaTemplate, CausalLm, ModelConfig, SaveOptions,
 };
 use refa_loss::scoring::ScoringConfig;
 use refa_loss::train::{CosineSchedule, Recompute, TrainConfig, Trainer};
@@ -43,8 +43,8 @@ fn sample_records() -> Vec<refa_loss::data::PreferenceRecord> {
     .records
 }
 
-fn tiny_config() -> MistralConfig {
-    MistralConfig::from_json(
+fn tiny_config() -> ModelConfig {
+    ModelConfig::from_json(
         &std::fs::read_to_string(data_file("tiny-config.json")).expect("config"),
     )
     .expect("config")
@@ -67,8 +67,8 @@ fn torch_rng() -> std::sync::MutexGuard<'static, ()> {
         .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
-fn tiny_model(seed: i64) -> Mistral {
-    let model = Mistral::new(tiny_config(), Device::Cpu, Kind::Float, None).expect("model");
+fn tiny_model(seed: i64) -> CausalLm {
+    let model = CausalLm::new(tiny_config(), Device::Cpu, Kind::Float, None).expect("model");
     model.init_random(seed);
     model
 }
@@ -304,13 +304,13 @@ fn a_failed_write_leaves_the_previous_checkpoint_loadable() {
         kind: Kind::Float,
         shard_bytes: 50_000,
     };
-    let err = refa_loss::mistral::write_checkpoint(&folder, &tensors, &[], options).unwrap_err();
+    let err = refa_loss::model::write_checkpoint(&folder, &tensors, &[], options).unwrap_err();
     assert!(err.to_string().contains("broken"), "{err}");
     assert!(
         !dir.path().join(".checkpoint-1.partial").exists(),
         "a failed save removes its staging folder"
     );
-    let reloaded = Mistral::from_pretrained(&folder, Device::Cpu, Kind::Float, None)
+    let reloaded = CausalLm::from_pretrained(&folder, Device::Cpu, Kind::Float, None)
         .expect("previous checkpoint loads");
     let ids = Tensor::from_slice2(&[[1i64, 5, 9, 2]]);
     let a = model
@@ -353,7 +353,7 @@ fn a_short_run_lowers_the_loss_and_its_checkpoints_load_in_the_mistral_loader() 
     assert_eq!(kept, vec!["checkpoint-20", "checkpoint-30"]);
     let last_checkpoint = summary.last_checkpoint.expect("checkpoint");
     let loaded =
-        Mistral::from_pretrained(&last_checkpoint, Device::Cpu, Kind::Float, None).expect("load");
+        CausalLm::from_pretrained(&last_checkpoint, Device::Cpu, Kind::Float, None).expect("load");
     let ids = Tensor::from_slice2(&[[1i64, 40, 41, 42, 2]]);
     let a = trainer
         .model()
@@ -403,7 +403,7 @@ fn a_non_finite_loss_stops_the_run_and_keeps_the_last_checkpoint() {
         Some(good.to_str().expect("utf-8 path")),
         "{err}"
     );
-    let reloaded = Mistral::from_pretrained(&good, Device::Cpu, Kind::Float, None)
+    let reloaded = CausalLm::from_pretrained(&good, Device::Cpu, Kind::Float, None)
         .expect("the last good checkpoint loads");
     let norm = &reloaded.var_store().variables()["model.norm.weight"];
     assert!(bool::try_from(norm.isfinite().all()).expect("bool"));
@@ -456,7 +456,7 @@ fn the_ursla_probe_recovers_a_known_per_token_nll() {
     use refa_loss::analysis::{length_buckets, response_nll};
     let config = tiny_config();
     let vocab = config.vocab_size as f64;
-    let uniform = Mistral::new(config, Device::Cpu, Kind::Float, None).expect("model"); // all weights zero
+    let uniform = CausalLm::new(config, Device::Cpu, Kind::Float, None).expect("model"); // all weights zero
     let all =
         refa_loss::data::tokenize_all(&sample_records(), &tokenizer(), 128, 256).expect("tokenize");
     let samples = response_nll(&uniform, &all, 8, &ScoringConfig::new(2)).expect("probe");
@@ -523,8 +523,8 @@ fn streaming_save_writes_byte_identical_files() {
     tensors.push(("step".into(), Tensor::from_slice(&[7i64])));
     for kind in [Kind::Float, Kind::BFloat16] {
         let path = dir.path().join(format!("{kind:?}.safetensors"));
-        refa_loss::mistral::write_safetensors(&path, &tensors, kind).expect("streamed");
-        let in_memory = refa_loss::mistral::safetensors_bytes(
+        refa_loss::model::write_safetensors(&path, &tensors, kind).expect("streamed");
+        let in_memory = refa_loss::model::safetensors_bytes(
             tensors.iter().map(|(n, t)| (n.as_str(), t)),
             kind,
         )

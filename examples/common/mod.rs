@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use clap::ValueEnum;
 use refa_loss::data::{parse_jsonl, read_dataset, DataFormat, ReadReport, ScoreField};
 use refa_loss::device;
-use refa_loss::mistral::{ChatTokenizer, Mistral, TemplateChoice};
+use refa_loss::model::{ChatTokenizer, CausalLm, TemplateChoice};
 use tch::{Device, Kind};
 
 /// The bundled sample data (64 prompts × 4 scored responses).
@@ -84,7 +84,7 @@ pub struct CheckpointArgs {
 
 impl CheckpointArgs {
     /// The checkpoint and its tokenizer, for inference.
-    pub fn load(&self) -> anyhow::Result<(Mistral, ChatTokenizer)> {
+    pub fn load(&self) -> anyhow::Result<(CausalLm, ChatTokenizer)> {
         load_for_inference(&self.model, self.tokenizer.as_deref(), self.template)
     }
 }
@@ -95,9 +95,9 @@ pub fn load_for_inference(
     folder: &Path,
     tokenizer: Option<&Path>,
     template: TemplateChoice,
-) -> anyhow::Result<(Mistral, ChatTokenizer)> {
+) -> anyhow::Result<(CausalLm, ChatTokenizer)> {
     let device = device::cuda_if_available();
-    let model = Mistral::from_pretrained(folder, device, device::default_kind(device), None)?;
+    let model = CausalLm::from_pretrained(folder, device, device::default_kind(device), None)?;
     let path = tokenizer
         .map(Path::to_path_buf)
         .unwrap_or_else(|| folder.join("tokenizer.json"));
@@ -196,7 +196,7 @@ pub struct JobEnv {
 
 /// What `Trainer::new` takes.
 pub type TrainerParts = (
-    refa_loss::mistral::Mistral,
+    refa_loss::model::CausalLm,
     Box<dyn refa_loss::PreferenceLoss>,
     Vec<refa_loss::data::TokenizedExample>,
     Vec<refa_loss::data::TokenizedExample>,

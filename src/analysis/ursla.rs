@@ -5,7 +5,7 @@ use tch::{Device, Kind};
 
 use crate::data::{collate, TokenizedExample};
 use crate::error::Result;
-use crate::mistral::Mistral;
+use crate::model::CausalLm;
 use crate::scoring::ScoringConfig;
 use crate::train::score_batch;
 
@@ -27,7 +27,7 @@ pub struct LengthBucket {
 /// `(length, mean per-token NLL)` of every response of `examples` under `model`, scored
 /// without gradients in batches of `prompts_per_batch` prompts.
 pub fn response_nll(
-    model: &Mistral,
+    model: &CausalLm,
     examples: &[TokenizedExample],
     prompts_per_batch: usize,
     scoring: &ScoringConfig,

@@ -8,7 +8,7 @@ use tch::{Device, Tensor};
 use crate::data::examples::TokenizedExample;
 use crate::device::upload;
 use crate::error::{RefaError, Result};
-use crate::mistral::SharedPrefixBatch;
+use crate::model::SharedPrefixBatch;
 
 /// `P` prompts with `K` response slots (`K` = the most responses of any prompt in the batch),
 /// flattened to `N = P·K` right-padded sequences of `T` tokens.
@@ -97,10 +97,10 @@ pub fn collate(examples: &[&TokenizedExample], pad_id: i64, device: Device) -> C
     }
 }
 
-/// A batch for prefix sharing ([`Mistral::forward_shared_prefix`]): each prompt once, its
+/// A batch for prefix sharing ([`CausalLm::forward_shared_prefix`]): each prompt once, its
 /// responses after it, and the labels that score them.
 ///
-/// [`Mistral::forward_shared_prefix`]: crate::mistral::Mistral::forward_shared_prefix
+/// [`CausalLm::forward_shared_prefix`]: crate::model::CausalLm::forward_shared_prefix
 #[derive(Debug)]
 pub struct SharedCollated {
     /// Prompts `[P, Lp]` and responses `[P·K, Lr]`, on the device.

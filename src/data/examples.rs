@@ -2,7 +2,7 @@
 
 use crate::data::records::PreferenceRecord;
 use crate::error::Result;
-use crate::mistral::{check_token_limits, ChatTokenizer, Encoded};
+use crate::model::{check_token_limits, ChatTokenizer, Encoded};
 
 /// One prompt's responses as token ids, with their rewards.
 #[derive(Debug, Clone, PartialEq)]

@@ -8,7 +8,7 @@ use serde::Deserialize;
 use serde_json::Value;
 
 use crate::error::{RefaError, Result};
-use crate::mistral::ChatMessage;
+use crate::model::ChatMessage;
 
 /// One prompt and its scored responses (any number of them).
 #[derive(Debug, Clone, PartialEq)]

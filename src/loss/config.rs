@@ -10,8 +10,8 @@ use crate::partition::DeviationMode;
 
 /// Which loss [`LossConfig::build`] makes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-#[cfg_attr(feature = "mistral", derive(serde::Serialize, serde::Deserialize))]
-#[cfg_attr(feature = "mistral", serde(rename_all = "kebab-case"))]
+#[cfg_attr(feature = "model", derive(serde::Serialize, serde::Deserialize))]
+#[cfg_attr(feature = "model", serde(rename_all = "kebab-case"))]
 #[cfg_attr(feature = "trainer", derive(clap::ValueEnum))]
 pub enum LossKind {
     /// [`RefaDynamic`] (default).
@@ -37,8 +37,8 @@ pub enum LossKind {
 
 /// Which quantity the EOS regularizer penalizes ([`EosMode`] without its parameters).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[cfg_attr(feature = "mistral", derive(serde::Serialize, serde::Deserialize))]
-#[cfg_attr(feature = "mistral", serde(rename_all = "kebab-case"))]
+#[cfg_attr(feature = "model", derive(serde::Serialize, serde::Deserialize))]
+#[cfg_attr(feature = "model", serde(rename_all = "kebab-case"))]
 #[cfg_attr(feature = "trainer", derive(clap::ValueEnum))]
 pub enum EosKind {
     /// [`EosMode::FinalProbability`].
@@ -60,8 +60,8 @@ pub enum EosKind {
 /// defaults to the mode's ([`EosMode::default_lambda`]) and its mode to
 /// `FinalProbability`; `eos_lambda = 0` turns it off.
 #[derive(Debug, Clone, PartialEq, Default)]
-#[cfg_attr(feature = "mistral", derive(serde::Serialize, serde::Deserialize))]
-#[cfg_attr(feature = "mistral", serde(default, deny_unknown_fields))]
+#[cfg_attr(feature = "model", derive(serde::Serialize, serde::Deserialize))]
+#[cfg_attr(feature = "model", serde(default, deny_unknown_fields))]
 #[cfg_attr(feature = "trainer", derive(clap::Args))]
 pub struct LossConfig {
     /// The loss.

@@ -99,7 +99,10 @@ impl<'a> ChunkedScorer<'a> {
     /// Per-sequence scores computed without a graph; `logp_sum`, `eos_logp` and
     /// `eos_logp_steps` are leaves that require gradients (see [`backward`](Self::backward)).
     pub fn forward(&mut self) -> SequenceScores {
-        let keep_expected = self.hidden.requires_grad() && !self.weight.requires_grad();
+        // The closed form behind the kept expectation holds for linear logits only.
+        let keep_expected = self.hidden.requires_grad()
+            && !self.weight.requires_grad()
+            && self.config.logit_softcap.is_none();
         let (token, eos, expected) = tch::no_grad(|| {
             let hidden = self.selected_hidden();
             let (mut token, mut eos, mut expected) = (Vec::new(), Vec::new(), Vec::new());
@@ -243,6 +246,12 @@ impl<'a> ChunkedScorer<'a> {
     ) -> Tensor {
         let len = hidden.size()[0];
         let mut grad = self.chunk_logits(hidden, self.weight);
+        // d(c·tanh(z/c))/dz = 1 − (capped/c)², applied once the capped logits' gradient is
+        // built.
+        let cap_derivative = self
+            .config
+            .logit_softcap
+            .map(|cap| 1.0 - (&grad / cap).square());
         let normalizer = grad.logsumexp(1, true);
         let _ = grad
             .g_sub_(&normalizer)
@@ -251,6 +260,9 @@ impl<'a> ChunkedScorer<'a> {
         let tokens = self.targets.token.narrow(0, start, len).unsqueeze(1);
         let _ = grad.scatter_add_(1, &tokens, &token_coef.unsqueeze(1));
         let _ = grad.select(1, self.config.eos_id).g_add_(&eos_coef);
+        if let Some(derivative) = cap_derivative {
+            let _ = grad.g_mul_(&derivative);
+        }
         grad.to_kind(self.weight.kind())
     }
 
@@ -270,9 +282,14 @@ impl<'a> ChunkedScorer<'a> {
             .map(move |start| (start, size.min(total - start)))
     }
 
-    /// `[len, V]` logits of a chunk of response positions, in the score kind.
+    /// `[len, V]` logits of a chunk of response positions, in the score kind (soft-capped
+    /// when the config says so).
     fn chunk_logits(&self, hidden: &Tensor, weight: &Tensor) -> Tensor {
-        hidden.matmul(&weight.tr()).to_kind(self.kind())
+        let logits = hidden.matmul(&weight.tr()).to_kind(self.kind());
+        match self.config.logit_softcap {
+            Some(cap) => (logits / cap).tanh() * cap,
+            None => logits,
+        }
     }
 
     /// `(log P(token), log P(EOS), log-normalizer)` `[len]` of the response positions

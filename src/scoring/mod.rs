@@ -40,7 +40,7 @@ use crate::error::{RefaError, Result};
 use crate::validate;
 
 /// How labels are read and how much memory the chunked scorer may use.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub struct ScoringConfig {
     /// The end-of-sequence token id (Mistral: 2).
     pub eos_id: i64,
@@ -51,6 +51,10 @@ pub struct ScoringConfig {
     /// Response positions whose logits the chunked scorer materializes at once; peak memory
     /// of the scoring step is about `chunk_size × V` floats. Default 1024.
     pub chunk_size: i64,
+    /// The chunked scorer soft-caps the logits, `c·tanh(z/c)`, as the model's LM head does
+    /// (Gemma 2's `final_logit_softcapping`; see
+    /// [`CausalLm::scoring_config`](crate::model::CausalLm::scoring_config)). Default `None`.
+    pub logit_softcap: Option<f64>,
 }
 
 impl ScoringConfig {
@@ -62,6 +66,7 @@ impl ScoringConfig {
             ignore_index: -100,
             eos_steps: false,
             chunk_size: 1024,
+            logit_softcap: None,
         }
     }
 
@@ -74,6 +79,13 @@ impl ScoringConfig {
                 "eos_id",
                 self.eos_id,
                 format!("in [0, {vocab}), the vocabulary"),
+            ));
+        }
+        if let Some(cap) = self.logit_softcap.filter(|c| !(c.is_finite() && *c > 0.0)) {
+            return Err(RefaError::option(
+                "logit_softcap",
+                cap,
+                "finite and > 0 (ScoringConfig)",
             ));
         }
         if self.chunk_size <= 0 {

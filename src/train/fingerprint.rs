@@ -6,7 +6,7 @@ use tch::{Kind, Tensor};
 
 use crate::data::TokenizedExample;
 use crate::error::Result;
-use crate::mistral::Mistral;
+use crate::model::CausalLm;
 
 /// A 64-bit FNV-1a hash, fed piece by piece: stable across platforms, Rust versions and
 /// runs (unlike `std`'s `DefaultHasher`), which a fingerprint written to disk needs.
@@ -55,7 +55,7 @@ impl Fingerprint {
 
     /// The model's variables: names, shapes, and the sum and sum of squares of each in f64,
     /// read with one device-to-host copy.
-    pub fn weights(&mut self, model: &Mistral) -> Result<&mut Self> {
+    pub fn weights(&mut self, model: &CausalLm) -> Result<&mut Self> {
         let mut variables: Vec<(String, Tensor)> =
             model.var_store().variables().into_iter().collect();
         variables.sort_by(|a, b| a.0.cmp(&b.0));

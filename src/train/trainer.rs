@@ -11,8 +11,8 @@ use crate::batch::PreferenceBatch;
 use crate::data::{collate, collate_shared, Collated, DataOrder, TokenizedExample};
 use crate::error::{RefaError, Result};
 use crate::loss::{LossMetrics, PreferenceLoss};
-use crate::mistral::{
-    remove_folder_atomically, CheckpointFile, CheckpointReader, ForwardOptions, Mistral, Padding,
+use crate::model::{
+    remove_folder_atomically, CheckpointFile, CheckpointReader, ForwardOptions, CausalLm, Padding,
     SaveOptions,
 };
 use crate::scoring::{
@@ -106,7 +106,7 @@ pub struct TrainConfig {
     /// a token nor scored; the id must be inside the model's vocabulary.
     pub pad_id: i64,
     /// Prefix sharing: run each prompt's layers once for all its responses
-    /// ([`Mistral::forward_shared_prefix`]) instead of once per response. Same values and
+    /// ([`CausalLm::forward_shared_prefix`]) instead of once per response. Same values and
     /// gradients; fewer positions through the layers (K = 4, prompts 30 % of the tokens:
     /// about a fifth fewer), attention with an explicit mask. The layers then stay in the
     /// graph (`recompute` does not apply). Faster on the CPU, slower on a GPU (the mask rules
@@ -226,7 +226,7 @@ pub enum Recompute {
 /// rotary intermediates, attention output, residuals, and the MLP's gate, up, activation,
 /// product and down input), in the model's kind. The chunked scorer adds `chunk_size × V`
 /// f32 logits, counted too.
-pub fn activation_bytes(model: &Mistral, tokens: i64, scoring: &ScoringConfig) -> i64 {
+pub fn activation_bytes(model: &CausalLm, tokens: i64, scoring: &ScoringConfig) -> i64 {
     let c = model.config();
     let per_position = 12 * c.hidden_size + 5 * c.intermediate_size;
     let element = model.kind().elt_size_in_bytes() as i64;
@@ -261,9 +261,9 @@ struct ReferenceFile {
     eval: ReferenceCache,
 }
 
-/// Trains a [`Mistral`] with a preference loss on tokenized examples.
+/// Trains a [`CausalLm`] with a preference loss on tokenized examples.
 pub struct Trainer {
-    model: Mistral,
+    model: CausalLm,
     loss: Box<dyn PreferenceLoss>,
     optimizer: AdamW,
     config: TrainConfig,
@@ -322,7 +322,7 @@ impl Trainer {
     /// model here (cached in `reference_logps.json` in the output folder, with a fingerprint
     /// of the data and the weights: a cache from other data or another model is rebuilt).
     pub fn new(
-        model: Mistral,
+        model: CausalLm,
         loss: Box<dyn PreferenceLoss>,
         train: Vec<TokenizedExample>,
         eval: Vec<TokenizedExample>,
@@ -342,7 +342,7 @@ impl Trainer {
     /// `docs/distributed.md`.
     #[cfg(feature = "distributed")]
     pub fn new_distributed(
-        model: Mistral,
+        model: CausalLm,
         loss: Box<dyn PreferenceLoss>,
         train: Vec<TokenizedExample>,
         eval: Vec<TokenizedExample>,
@@ -357,7 +357,7 @@ impl Trainer {
     }
 
     fn build(
-        model: Mistral,
+        model: CausalLm,
         loss: Box<dyn PreferenceLoss>,
         train: Vec<TokenizedExample>,
         eval: Vec<TokenizedExample>,
@@ -409,7 +409,7 @@ impl Trainer {
     }
 
     /// The model.
-    pub fn model(&self) -> &Mistral {
+    pub fn model(&self) -> &CausalLm {
         &self.model
     }
 
@@ -707,7 +707,7 @@ impl Trainer {
             std::fs::create_dir_all(&staging).map_err(|e| RefaError::io(&staging, &e))?;
             let partial = staging.join(format!(".{name}.partial"));
             let tensors = self.optimizer.state_tensors();
-            crate::mistral::write_safetensors(&partial, &tensors, Kind::Float)?;
+            crate::model::write_safetensors(&partial, &tensors, Kind::Float)?;
             let path = staging.join(&name);
             std::fs::rename(&partial, &path).map_err(|e| RefaError::io(&path, &e))?;
         }
@@ -1013,7 +1013,7 @@ impl Trainer {
 /// Scores a collated (right-padded) batch under `model` without gradients: the forward pass
 /// and the chunked scorer, as evaluation, reference scoring and the URSLA probe need.
 pub(crate) fn score_batch(
-    model: &Mistral,
+    model: &CausalLm,
     batch: &Collated,
     scoring: &ScoringConfig,
 ) -> Result<SequenceScores> {
@@ -1028,7 +1028,7 @@ pub(crate) fn score_batch(
 
 /// [`Recompute::Auto`] decided against the largest micro-batch the data can form (the
 /// longest sequence, padded, times the most responses, times the prompts per batch).
-fn resolve_recompute(model: &Mistral, train: &[TokenizedExample], config: &TrainConfig) -> bool {
+fn resolve_recompute(model: &CausalLm, train: &[TokenizedExample], config: &TrainConfig) -> bool {
     if config.share_prompts {
         return false; // the shared pass keeps its layers in the graph
     }
@@ -1053,7 +1053,7 @@ fn resolve_recompute(model: &Mistral, train: &[TokenizedExample], config: &Train
 
 /// Bytes the trainable parameters' gradients will take once the first backward pass has
 /// allocated them (one tensor of each trainable parameter's size and kind).
-fn gradient_bytes(model: &Mistral) -> i64 {
+fn gradient_bytes(model: &CausalLm) -> i64 {
     model
         .var_store()
         .trainable_variables()
@@ -1072,7 +1072,7 @@ fn recompute_needed(activations: i64, gradients: i64, free: Option<i64>) -> bool
 
 /// Every token id of `examples` (and the padding id) must index the model's embedding, and
 /// every sequence fit its `max_position_embeddings`.
-fn check_examples_fit(model: &Mistral, pad_id: i64, examples: &[TokenizedExample]) -> Result<()> {
+fn check_examples_fit(model: &CausalLm, pad_id: i64, examples: &[TokenizedExample]) -> Result<()> {
     let config = model.config();
     let vocab = config.vocab_size;
     RefaError::require(
@@ -1193,7 +1193,7 @@ fn staged_shards(staging: &Path, world: usize) -> Result<Vec<(String, Checkpoint
 /// Every trainable parameter with its name (what the optimizer and the gradient all-reduce
 /// cover).
 #[cfg(feature = "distributed")]
-fn trainable_parameters(model: &Mistral) -> Vec<(String, Tensor)> {
+fn trainable_parameters(model: &CausalLm) -> Vec<(String, Tensor)> {
     model
         .var_store()
         .variables()

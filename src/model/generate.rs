@@ -3,8 +3,9 @@
 use tch::{Device, Kind, Tensor};
 
 use crate::error::{RefaError, Result};
-use crate::mistral::model::{AttentionContext, LayerCache};
-use crate::mistral::Mistral;
+use crate::model::causal_lm::{AttentionContext, LayerCache};
+use crate::model::layers::LayerMask;
+use crate::model::CausalLm;
 
 /// How tokens are chosen.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -55,8 +56,9 @@ impl GenerationOptions {
     }
 }
 
-impl Mistral {
-    /// Continues `prompt` (token ids, BOS included) until EOS or `max_new_tokens`, with a
+impl CausalLm {
+    /// Continues `prompt` (token ids, BOS included) until any of the config's EOS ids
+    /// (`eos_token_ids`) or `max_new_tokens`, with a
     /// key/value cache: the prompt is processed once, then one position per new token.
     /// Returns the new tokens (EOS included when produced).
     pub fn generate(&self, prompt: &[i64], options: &GenerationOptions) -> Result<Vec<i64>> {
@@ -83,7 +85,7 @@ impl Mistral {
                 offset += next_input.len() as i64;
                 let token = choose(&logits, options, &mut random)?;
                 generated.push(token);
-                if token == self.config().eos_token_id {
+                if self.config().eos_token_ids.contains(&token) {
                     break;
                 }
                 next_input = vec![token];
@@ -103,15 +105,10 @@ impl Mistral {
         let count = tokens.len() as i64;
         let ids = Tensor::from_slice(tokens).view([1, count]).to(device);
         let (cos, sin) = self.rotary_tables(offset, count);
-        let (mask, causal) =
-            cached_attention_mask(offset, count, self.config().sliding_window, device);
-        let context = AttentionContext {
-            cos,
-            sin,
-            mask,
-            causal,
-            config: self.config().clone(),
-        };
+        let context = AttentionContext::new(cos, sin, self.config(), |window| {
+            let (mask, causal) = cached_attention_mask(offset, count, window, device);
+            LayerMask { mask, causal }
+        });
         let mut x = self.embed_tokens(&ids)?;
         for (layer, layer_cache) in self.decoder_layers().zip(cache.iter_mut()) {
             x = layer.forward_cached(&x, &context, false, Some(layer_cache));

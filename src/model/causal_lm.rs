@@ -1,4 +1,5 @@
-//! The Mistral decoder, with Hugging Face's parameter names.
+//! The decoder of every supported family, with Hugging Face's parameter names; the families'
+//! differences are data ([`Switches`](crate::model::Switches)) read from `config.json`.
 
 use std::path::Path;
 
@@ -6,25 +7,31 @@ use tch::nn::{self, VarStore};
 use tch::{Device, Kind, Tensor};
 
 use crate::error::{RefaError, Result};
-use crate::mistral::checkpoint::{write_checkpoint, CheckpointFile, CheckpointReader, SaveOptions};
-use crate::mistral::layers::{self, apply_rotary, rms_norm, Rotary};
-use crate::mistral::lora::{Linear, LoraConfig, LoraTarget};
-use crate::mistral::MistralConfig;
+use crate::model::checkpoint::{write_checkpoint, CheckpointFile, CheckpointReader, SaveOptions};
+use crate::model::layers::{self, attend, LayerMask, Norm, Scoring};
+use crate::model::lora::{Linear, LoraConfig, LoraTarget};
+use crate::model::names;
+use crate::model::rope::{apply_rotary, Rotary};
+use crate::model::{Activation, ModelConfig};
 
-/// A Mistral causal LM (`MistralForCausalLM`): token embedding, decoder layers (RMSNorm,
-/// grouped-query attention with rotary embeddings and an optional sliding window, SwiGLU MLP),
-/// final norm and LM head.
+/// A Hugging Face decoder-only causal LM of any supported [`Family`](crate::model::Family)
+/// (`MistralForCausalLM`, `LlamaForCausalLM`, `Qwen2ForCausalLM`, `Qwen3ForCausalLM`,
+/// `GemmaForCausalLM`, `Gemma2ForCausalLM`, `Phi3ForCausalLM`): token embedding (× √H for
+/// Gemma), decoder layers (RMSNorm, grouped-query attention with rotary embeddings, optional
+/// biases, q/k norms, sliding windows and soft-capping, a gated MLP), final norm and LM head
+/// (soft-capped for Gemma 2).
 ///
 /// Parameters live in a [`VarStore`] under Hugging Face's names
-/// (`model.layers.3.self_attn.q_proj.weight`, …), so checkpoints load and save as they are.
+/// (`model.layers.3.self_attn.q_proj.weight`, …), so checkpoints load and save as they are
+/// (Phi-3's fused `qkv_proj` and `gate_up_proj` are split on load and fused on save).
 /// With LoRA, the base weights are frozen and only the adapters are trainable variables.
 #[derive(Debug)]
-pub struct Mistral {
-    config: MistralConfig,
+pub struct CausalLm {
+    config: ModelConfig,
     var_store: VarStore,
     embed: Tensor,
     layers: Vec<DecoderLayer>,
-    norm: Tensor,
+    norm: Norm,
     lm_head: Option<Tensor>,
     rotary: Rotary,
     kind: Kind,
@@ -32,24 +39,31 @@ pub struct Mistral {
 
 #[derive(Debug)]
 pub(crate) struct DecoderLayer {
-    input_norm: Tensor,
+    input_norm: Norm,
     q: Linear,
     k: Linear,
     v: Linear,
     o: Linear,
-    post_attention_norm: Tensor,
+    /// Qwen3's per-head norms of q and k.
+    qk_norms: Option<(Norm, Norm)>,
+    /// Before the MLP, or (Gemma 2) on the attention output.
+    post_attention_norm: Norm,
+    /// Gemma 2's norms before and after the MLP.
+    feedforward_norms: Option<(Norm, Norm)>,
     gate: Linear,
     up: Linear,
     down: Linear,
+    /// This layer's sliding window.
+    window: Option<i64>,
 }
 
-impl Mistral {
+impl CausalLm {
     /// A model with zero weights of `kind` on `device` (load weights next, or initialize
     /// them with [`init_random`](Self::init_random)). With `lora`, adapters are attached to
     /// the targeted layers and only they are trainable; its settings are checked first
     /// ([`LoraConfig::validate`]).
     pub fn new(
-        config: MistralConfig,
+        config: ModelConfig,
         device: Device,
         kind: Kind,
         lora: Option<&LoraConfig>,
@@ -70,9 +84,12 @@ impl Mistral {
             &[config.vocab_size, config.hidden_size],
         );
         let layers = (0..config.num_hidden_layers)
-            .map(|i| DecoderLayer::new(&model.sub("layers").sub(i), &config, kind, lora))
+            .map(|i| DecoderLayer::new(&model.sub("layers").sub(i), &config, i, kind, lora))
             .collect();
-        let norm = zeros(&model.sub("norm"), "weight", &[config.hidden_size]);
+        let norm = Norm::new(
+            zeros(&model.sub("norm"), "weight", &[config.hidden_size]),
+            config.switches.norm_offset,
+        );
         let lm_head = (!config.tie_word_embeddings).then(|| {
             zeros(
                 &root.sub("lm_head"),
@@ -80,8 +97,8 @@ impl Mistral {
                 &[config.vocab_size, config.hidden_size],
             )
         });
-        let rotary = Rotary::new(config.head_width(), config.rope_base(), device);
-        Ok(Mistral {
+        let rotary = Rotary::new(&config.rope, device);
+        Ok(CausalLm {
             config,
             var_store,
             embed,
@@ -101,21 +118,25 @@ impl Mistral {
         lora: Option<&LoraConfig>,
     ) -> Result<Self> {
         let folder = folder.as_ref();
-        let config = MistralConfig::from_file(folder.join("config.json"))?;
-        let model = Mistral::new(config, device, kind, lora)?;
+        let config = ModelConfig::from_file(folder.join("config.json"))?;
+        let model = CausalLm::new(config, device, kind, lora)?;
         model.load_weights(&CheckpointReader::open(folder)?)?;
         Ok(model)
     }
 
-    /// Random weights like Hugging Face's initialization (normal, σ = 0.02; norms at 1),
+    /// Random weights like Hugging Face's initialization (normal, σ = 0.02; norms at 1, or
+    /// 0 where the family stores `w` of `(1 + w)`; biases at 0),
     /// drawn from libtorch's global generator after seeding it with `seed` (so concurrent
     /// draws on other threads would interleave with these).
     pub fn init_random(&self, seed: i64) {
         tch::manual_seed(seed);
         tch::no_grad(|| {
+            let norm_value = if self.config.switches.norm_offset { 0.0 } else { 1.0 };
             for (name, mut tensor) in self.base_parameters() {
                 if name.ends_with("norm.weight") {
-                    let _ = tensor.fill_(1.0);
+                    let _ = tensor.fill_(norm_value);
+                } else if name.ends_with(".bias") {
+                    let _ = tensor.zero_();
                 } else {
                     tensor.copy_(&(tensor.randn_like() * 0.02));
                 }
@@ -125,11 +146,16 @@ impl Mistral {
 
     /// Copies every weight from `reader`. Every parameter must be present with its shape;
     /// a tensor the model does not know is an error too (rotary `inv_freq` buffers of old
-    /// checkpoints, and a tied `lm_head.weight`, are skipped).
+    /// checkpoints, and a tied `lm_head.weight`, are skipped). Phi-3's fused projections
+    /// are split into the model's q/k/v and gate/up weights.
     pub fn load_weights(&self, reader: &CheckpointReader) -> Result<()> {
         let parameters = self.base_parameters();
+        let sources: Vec<names::Source> = parameters
+            .iter()
+            .map(|(name, _)| names::source(name, &self.config))
+            .collect();
         let known: std::collections::HashSet<&str> =
-            parameters.iter().map(|(n, _)| n.as_str()).collect();
+            sources.iter().map(|s| s.tensor.as_str()).collect();
         let tied_head = self.config.tie_word_embeddings;
         if let Some(extra) = reader.names().find(|name| {
             !known.contains(name)
@@ -138,19 +164,25 @@ impl Mistral {
         }) {
             return Err(RefaError::checkpoint(
                 extra,
-                "is in the checkpoint but not in the model (wrong architecture?)",
+                format!(
+                    "is in the checkpoint but not in a `{}` model with this config.json \
+                     (wrong architecture, or a config key that adds it is missing?)",
+                    self.config.family.model_type()
+                ),
             ));
         }
-        for (name, mut target) in parameters {
-            let shape = reader.shape(&name)?;
-            if shape != target.size() {
+        for ((name, mut target), source) in parameters.into_iter().zip(sources) {
+            let shape = reader.shape(&source.tensor)?;
+            let expected = source.stored_shape(&target.size());
+            if shape != expected {
                 return Err(RefaError::checkpoint(
-                    &name,
-                    format!("has shape {shape:?}, the model expects {:?}", target.size()),
+                    &source.tensor,
+                    format!("has shape {shape:?}, the model expects {expected:?} (for {name})"),
                 ));
             }
-            let source = reader.read(&name, target.device(), target.kind())?;
-            tch::no_grad(|| target.f_copy_(&source))?;
+            let stored = reader.read(&source.tensor, target.device(), target.kind())?;
+            let part = source.part(&stored);
+            tch::no_grad(|| target.f_copy_(&part))?;
         }
         Ok(())
     }
@@ -176,11 +208,12 @@ impl Mistral {
         };
         let config = self.config.to_json(dtype)?.into_bytes();
         extra_files.push(("config.json", CheckpointFile::Bytes(config)));
-        write_checkpoint(folder, &self.merged_parameters(), &extra_files, options)
+        let tensors = names::to_checkpoint(self.merged_parameters(), &self.config);
+        write_checkpoint(folder, &tensors, &extra_files, options)
     }
 
     /// The configuration.
-    pub fn config(&self) -> &MistralConfig {
+    pub fn config(&self) -> &ModelConfig {
         &self.config
     }
 
@@ -192,6 +225,16 @@ impl Mistral {
     /// The LM head weight `[V, H]` (the embedding when tied), for the chunked scorer.
     pub fn lm_head_weight(&self) -> &Tensor {
         self.lm_head.as_ref().unwrap_or(&self.embed)
+    }
+
+    /// The scoring settings of this model: `base` with its EOS id and the LM head's
+    /// soft cap (Gemma 2), so that the chunked scorer computes this model's
+    /// log-probabilities.
+    pub fn scoring_config(&self, base: crate::scoring::ScoringConfig) -> crate::scoring::ScoringConfig {
+        crate::scoring::ScoringConfig {
+            logit_softcap: self.config.switches.final_softcap,
+            ..base
+        }
     }
 
     /// The kind of the base weights.
@@ -231,13 +274,17 @@ impl Mistral {
             seed_dropout(seed);
             layer.forward(&x, context, train)
         });
-        rms_norm(&x, &self.norm, self.config.rms_norm_eps)
+        self.final_norm(&x)
     }
 
     /// Logits `[N, T, V]` from hidden states (materializes `N·T·V` values: prefer the
-    /// chunked scorer for training).
+    /// chunked scorer for training), soft-capped where the family caps them (Gemma 2).
     pub fn logits(&self, hidden: &Tensor) -> Tensor {
-        hidden.matmul(&self.lm_head_weight().tr())
+        let logits = hidden.matmul(&self.lm_head_weight().tr());
+        match self.config.switches.final_softcap {
+            Some(cap) => (logits / cap).tanh() * cap,
+            None => logits,
+        }
     }
 
     /// Token embeddings and the per-batch attention context (rotary tables, mask).
@@ -267,16 +314,12 @@ impl Mistral {
         let (cos, sin) = self.rotary.cos_sin(shape[1], self.kind);
         let valid = attention_mask.to_device(self.embed.device()).ne(0);
         let right_padded = padding == Padding::Right;
-        let mask = layers::attention_mask(&valid, self.config.sliding_window, right_padded);
-        // Without a mask, the whole sequence attends causally.
-        let causal = mask.is_none();
-        let context = AttentionContext {
-            cos,
-            sin,
-            mask,
-            causal,
-            config: self.config.clone(),
-        };
+        let context = AttentionContext::new(cos, sin, &self.config, |window| {
+            let mask = layers::attention_mask(&valid, window, right_padded);
+            // Without a mask, the whole sequence attends causally.
+            let causal = mask.is_none();
+            LayerMask { mask, causal }
+        });
         Ok((self.embed_tokens(input_ids)?, context))
     }
 
@@ -286,8 +329,8 @@ impl Mistral {
         (cos.narrow(0, offset, count), sin.narrow(0, offset, count))
     }
 
-    /// Embeddings `[N, t, H]` of token ids `[N, t]`; an id outside the vocabulary is an
-    /// error, not a crash.
+    /// Embeddings `[N, t, H]` of token ids `[N, t]` (× √H, rounded to the model's kind, for
+    /// Gemma); an id outside the vocabulary is an error, not a crash.
     pub(crate) fn embed_tokens(&self, input_ids: &Tensor) -> Result<Tensor> {
         let shape = input_ids.size();
         let rows = self
@@ -299,7 +342,14 @@ impl Mistral {
                     self.config.vocab_size
                 ))
             })?;
-        Ok(rows.view([shape[0], shape[1], self.config.hidden_size]))
+        let rows = rows.view([shape[0], shape[1], self.config.hidden_size]);
+        if !self.config.switches.scale_embeddings {
+            return Ok(rows);
+        }
+        let normalizer = Tensor::from((self.config.hidden_size as f64).sqrt())
+            .to_kind(self.kind)
+            .to_device(rows.device());
+        Ok(rows * normalizer)
     }
 
     /// The decoder layers, for the recomputing forward pass.
@@ -311,7 +361,7 @@ impl Mistral {
 
     /// Final norm.
     pub(crate) fn final_norm(&self, x: &Tensor) -> Tensor {
-        rms_norm(x, &self.norm, self.config.rms_norm_eps)
+        self.norm.forward(x, self.config.rms_norm_eps)
     }
 
     /// The LoRA adapters (`…lora_A.weight`, `…lora_B.weight`) under their names.
@@ -390,13 +440,13 @@ pub enum Padding {
     Right,
 }
 
-/// How [`Mistral::forward_pass`] runs.
+/// How [`CausalLm::forward_pass`] runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct ForwardOptions {
     /// LoRA dropout on (training). Default false.
     pub train: bool,
     /// Keep only each decoder layer's input and recompute the layer in the backward pass
-    /// ([`crate::mistral::ForwardPass::finish_backward`]). Default false.
+    /// ([`crate::model::ForwardPass::finish_backward`]). Default false.
     pub recompute: bool,
     /// The batch's padding layout. Default [`Padding::Any`].
     pub padding: Padding,
@@ -413,16 +463,49 @@ impl ForwardOptions {
     }
 }
 
-/// What every layer of one forward pass shares.
+/// What every layer of one forward pass shares: the rotary tables and the masks of full
+/// and of sliding layers.
 #[derive(Debug)]
 pub(crate) struct AttentionContext {
     pub cos: Tensor,
     pub sin: Tensor,
-    /// `[N or 1, 1, t, T]` (true = may attend), or `None` for plain (causal or full) attention.
-    pub mask: Option<Tensor>,
-    /// Without a mask: causal attention (a whole sequence) or full (one new token).
-    pub causal: bool,
-    pub config: MistralConfig,
+    /// Full (unwindowed) layers.
+    pub full: LayerMask,
+    /// Sliding layers (the same as `full` when no layer slides).
+    pub sliding: LayerMask,
+    pub config: ModelConfig,
+}
+
+impl AttentionContext {
+    /// A context whose masks `build` makes from a window (`None` for full layers).
+    pub fn new(
+        cos: Tensor,
+        sin: Tensor,
+        config: &ModelConfig,
+        build: impl Fn(Option<i64>) -> LayerMask,
+    ) -> Self {
+        let full = build(None);
+        let sliding = match config.any_window() {
+            Some(window) => build(Some(window)),
+            None => full.shallow_clone(),
+        };
+        AttentionContext {
+            cos,
+            sin,
+            full,
+            sliding,
+            config: config.clone(),
+        }
+    }
+
+    /// The mask of a layer with `window`.
+    fn mask_for(&self, window: Option<i64>) -> &LayerMask {
+        if window.is_some() {
+            &self.sliding
+        } else {
+            &self.full
+        }
+    }
 }
 
 /// One layer's cached keys and values `[N, kv_heads, T, d]` (before the GQA repeat).
@@ -445,35 +528,55 @@ fn target_path(target: LoraTarget) -> &'static str {
 }
 
 impl DecoderLayer {
-    fn new(path: &nn::Path, config: &MistralConfig, kind: Kind, lora: Option<&LoraConfig>) -> Self {
+    fn new(
+        path: &nn::Path,
+        config: &ModelConfig,
+        index: i64,
+        kind: Kind,
+        lora: Option<&LoraConfig>,
+    ) -> Self {
         let (h, d) = (config.hidden_size, config.head_width());
         let (heads, kv) = (config.num_attention_heads, config.kv_heads());
+        let switches = &config.switches;
         let trainable = lora.is_none();
-        let linear = |target: LoraTarget, out: i64, inp: i64| {
+        let linear = |target: LoraTarget, shape: (i64, i64), bias: bool| {
             let mut p = path.clone();
             for part in target_path(target).split('.') {
                 p = p.sub(part);
             }
             let adapter = lora.filter(|l| l.targets.contains(&target));
-            Linear::new(&p, out, inp, kind, trainable, adapter)
+            Linear::new(&p, shape, bias, kind, trainable, adapter)
         };
-        let norm = |name: &str| {
-            path.sub(name).add(
-                "weight",
-                Tensor::zeros([h], (kind, path.device())),
-                trainable,
+        let norm_at = |p: nn::Path, width: i64| {
+            let weight = p.add("weight", Tensor::zeros([width], (kind, p.device())), trainable);
+            Norm::new(weight, switches.norm_offset)
+        };
+        let norm = |name: &str| norm_at(path.sub(name), h);
+        let attention = path.sub("self_attn");
+        let qk_norms = switches
+            .qk_norm
+            .then(|| (norm_at(attention.sub("q_norm"), d), norm_at(attention.sub("k_norm"), d)));
+        let feedforward_norms = switches.sandwich_norms.then(|| {
+            (
+                norm("pre_feedforward_layernorm"),
+                norm("post_feedforward_layernorm"),
             )
-        };
+        });
+        let width = config.intermediate_size;
+        let (qkv_bias, mlp_bias) = (switches.qkv_bias, switches.mlp_bias);
         DecoderLayer {
             input_norm: norm("input_layernorm"),
-            q: linear(LoraTarget::Q, heads * d, h),
-            k: linear(LoraTarget::K, kv * d, h),
-            v: linear(LoraTarget::V, kv * d, h),
-            o: linear(LoraTarget::O, h, heads * d),
+            q: linear(LoraTarget::Q, (heads * d, h), qkv_bias),
+            k: linear(LoraTarget::K, (kv * d, h), qkv_bias),
+            v: linear(LoraTarget::V, (kv * d, h), qkv_bias),
+            o: linear(LoraTarget::O, (h, heads * d), switches.output_bias),
+            qk_norms,
             post_attention_norm: norm("post_attention_layernorm"),
-            gate: linear(LoraTarget::Gate, config.intermediate_size, h),
-            up: linear(LoraTarget::Up, config.intermediate_size, h),
-            down: linear(LoraTarget::Down, h, config.intermediate_size),
+            feedforward_norms,
+            gate: linear(LoraTarget::Gate, (width, h), mlp_bias),
+            up: linear(LoraTarget::Up, (width, h), mlp_bias),
+            down: linear(LoraTarget::Down, (h, width), mlp_bias),
+            window: config.layer_window(index as usize),
         }
     }
 
@@ -489,7 +592,7 @@ impl DecoderLayer {
         ]
     }
 
-    /// `x + attn(norm(x))`, then `+ mlp(norm(·))`.
+    /// `x + attn(norm(x))`, then `+ mlp(norm(·))` (Gemma 2: each branch's output normed too).
     pub(crate) fn forward(&self, x: &Tensor, context: &AttentionContext, train: bool) -> Tensor {
         self.forward_cached(x, context, train, None)
     }
@@ -504,10 +607,26 @@ impl DecoderLayer {
         cache: Option<&mut LayerCache>,
     ) -> Tensor {
         let eps = context.config.rms_norm_eps;
-        let x = x + self.attention(&rms_norm(x, &self.input_norm, eps), context, train, cache);
-        let normed = rms_norm(&x, &self.post_attention_norm, eps);
-        let gated = self.gate.forward(&normed, train).silu() * self.up.forward(&normed, train);
-        &x + self.down.forward(&gated, train)
+        let attended = self.attention(&self.input_norm.forward(x, eps), context, train, cache);
+        let Some((pre_mlp, post_mlp)) = &self.feedforward_norms else {
+            let x = x + attended;
+            let mlp = self.mlp(&self.post_attention_norm.forward(&x, eps), context, train);
+            return &x + mlp;
+        };
+        let x = x + self.post_attention_norm.forward(&attended, eps);
+        let mlp = self.mlp(&pre_mlp.forward(&x, eps), context, train);
+        &x + post_mlp.forward(&mlp, eps)
+    }
+
+    /// `down(act(gate(x)) ⊙ up(x))`.
+    fn mlp(&self, x: &Tensor, context: &AttentionContext, train: bool) -> Tensor {
+        let gate = self.gate.forward(x, train);
+        let activated = match context.config.switches.activation {
+            Activation::Silu => gate.silu(),
+            Activation::GeluTanh => gate.gelu("tanh"),
+            Activation::Gelu => gate.gelu("none"),
+        };
+        self.down.forward(&(activated * self.up.forward(x, train)), train)
     }
 
     fn attention(
@@ -520,18 +639,22 @@ impl DecoderLayer {
         let c = &context.config;
         let (n, t) = (x.size()[0], x.size()[1]);
         let (heads, kv, d) = (c.num_attention_heads, c.kv_heads(), c.head_width());
-        let split = |y: Tensor, count: i64| y.view([n, t, count, d]).transpose(1, 2);
-        let q = apply_rotary(
-            &split(self.q.forward(x, train), heads),
-            &context.cos,
-            &context.sin,
-        );
-        let mut k = apply_rotary(
-            &split(self.k.forward(x, train), kv),
-            &context.cos,
-            &context.sin,
-        );
-        let mut v = split(self.v.forward(x, train), kv);
+        let eps = c.rms_norm_eps;
+        let split = |y: Tensor, count: i64, norm: Option<&Norm>| {
+            let y = y.view([n, t, count, d]);
+            let y = match norm {
+                Some(norm) => norm.forward(&y, eps),
+                None => y,
+            };
+            apply_rotary(&y.transpose(1, 2), &context.cos, &context.sin)
+        };
+        let (q_norm, k_norm) = match &self.qk_norms {
+            Some((q, k)) => (Some(q), Some(k)),
+            None => (None, None),
+        };
+        let q = split(self.q.forward(x, train), heads, q_norm);
+        let mut k = split(self.k.forward(x, train), kv, k_norm);
+        let mut v = self.v.forward(x, train).view([n, t, kv, d]).transpose(1, 2);
         if let Some(cache) = cache {
             let extend = |old: &Option<Tensor>, new: &Tensor| match old {
                 Some(old) => Tensor::cat(&[old, new], 2),
@@ -540,28 +663,11 @@ impl DecoderLayer {
             (k, v) = (extend(&cache.keys, &k), extend(&cache.values, &v));
             (cache.keys, cache.values) = (Some(k.shallow_clone()), Some(v.shallow_clone()));
         }
-        // Without a mask the flash kernel shares each key/value head among its query heads
-        // in place; with one, the kernels that take masks need the heads repeated.
-        let groups = heads / kv;
-        let share_heads = groups > 1 && context.mask.is_none();
-        let repeat = |y: Tensor| {
-            if groups == 1 || share_heads {
-                y
-            } else {
-                y.repeat_interleave_self_int(groups, 1, None)
-            }
+        let scoring = Scoring {
+            scale: c.switches.query_scale,
+            softcap: c.switches.attention_softcap,
         };
-        let (k, v) = (repeat(k), repeat(v));
-        let out = Tensor::scaled_dot_product_attention(
-            &q,
-            &k,
-            &v,
-            context.mask.as_ref(),
-            0.0,
-            context.causal,
-            None,
-            share_heads,
-        );
+        let out = attend(&q, &k, &v, context.mask_for(self.window), scoring);
         self.o.forward(
             &out.transpose(1, 2).contiguous().view([n, t, heads * d]),
             train,

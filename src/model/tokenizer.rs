@@ -5,7 +5,7 @@ use std::path::Path;
 use tokenizers::Tokenizer;
 
 use crate::error::{RefaError, Result};
-use crate::mistral::jinja::{ChatMessage, JinjaTemplate};
+use crate::model::jinja::{ChatMessage, JinjaTemplate};
 
 /// How a conversation turn becomes text.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -28,7 +28,7 @@ pub enum TemplateChoice {
     #[default]
     Auto,
     /// The built-in Mistral-instruct template.
-    Mistral,
+    CausalLm,
     /// The built-in Zephyr template.
     Zephyr,
 }

@@ -4,7 +4,7 @@ use tch::nn::Path;
 use tch::{Kind, Tensor};
 
 use crate::error::{RefaError, Result};
-use crate::mistral::MistralConfig;
+use crate::model::ModelConfig;
 
 /// A linear layer of the model that can carry a LoRA adapter.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -76,7 +76,7 @@ impl LoraConfig {
     /// Checks the settings against the model they adapt: `1 <= rank <= ` the smallest
     /// dimension of a targeted layer (a larger rank adds parameters without adding rank),
     /// `α` finite and > 0, dropout in `[0, 1)`, at least one target.
-    pub fn validate(&self, model: &MistralConfig) -> Result<()> {
+    pub fn validate(&self, model: &ModelConfig) -> Result<()> {
         let attention = model.num_attention_heads * model.head_width();
         let key_value = model.kv_heads() * model.head_width();
         let largest_rank = self
@@ -130,10 +130,12 @@ impl Default for LoraConfig {
     }
 }
 
-/// A linear layer without bias, `y = x·Wᵀ`, optionally with a LoRA adapter.
+/// A linear layer `y = x·Wᵀ (+ b)`, optionally with a LoRA adapter (the bias, where the
+/// family has one, stays with the base projection and trains with it).
 #[derive(Debug)]
 pub(crate) struct Linear {
     pub weight: Tensor,
+    pub bias: Option<Tensor>,
     adapter: Option<Adapter>,
 }
 
@@ -149,17 +151,22 @@ impl Linear {
     /// Creates `{path}.weight` `[out, in]` in `kind` (a trainable variable when
     /// `trainable`) and, when `lora` is given, `{path}.lora_A.weight` `[r, in]` and
     /// `{path}.lora_B.weight` `[out, r]`, kept in f32 (they are the trained master weights)
-    /// and cast to the input's kind in the forward pass.
+    /// and cast to the input's kind in the forward pass. With `bias`, also `{path}.bias`
+    /// `[out]`.
     pub fn new(
         path: &Path,
-        out_features: i64,
-        in_features: i64,
+        (out_features, in_features): (i64, i64),
+        bias: bool,
         kind: Kind,
         trainable: bool,
         lora: Option<&LoraConfig>,
     ) -> Self {
         let weight = Tensor::zeros([out_features, in_features], (kind, path.device()));
         let weight = path.add("weight", weight, trainable);
+        let bias = bias.then(|| {
+            let zeros = Tensor::zeros([out_features], (kind, path.device()));
+            path.add("bias", zeros, trainable)
+        });
         let adapter = lora.map(|config| {
             // PEFT's kaiming_uniform_(a = √5): U(−1/√in, 1/√in).
             let bound = 1.0 / (in_features as f64).sqrt();
@@ -173,12 +180,19 @@ impl Linear {
                 dropout: config.dropout,
             }
         });
-        Linear { weight, adapter }
+        Linear {
+            weight,
+            bias,
+            adapter,
+        }
     }
 
-    /// `x·Wᵀ (+ (α/r)·dropout(x)·Aᵀ·Bᵀ)`.
+    /// `x·Wᵀ (+ b) (+ (α/r)·dropout(x)·Aᵀ·Bᵀ)`.
     pub fn forward(&self, x: &Tensor, train: bool) -> Tensor {
-        let base = x.matmul(&self.weight.tr());
+        let base = match &self.bias {
+            None => x.matmul(&self.weight.tr()),
+            Some(bias) => x.linear(&self.weight, Some(bias)),
+        };
         match &self.adapter {
             None => base,
             Some(adapter) => {

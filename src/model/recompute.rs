@@ -4,10 +4,10 @@
 use tch::{Kind, Tensor};
 
 use crate::error::Result;
-use crate::mistral::model::{layer_seeds, seed_dropout, AttentionContext, ForwardOptions};
-use crate::mistral::Mistral;
+use crate::model::causal_lm::{layer_seeds, seed_dropout, AttentionContext, ForwardOptions};
+use crate::model::CausalLm;
 
-/// The result of [`Mistral::forward_pass`]: the hidden states, and what the backward pass
+/// The result of [`CausalLm::forward_pass`]: the hidden states, and what the backward pass
 /// needs to finish when layers were not kept in the autograd graph.
 ///
 /// Usage: compute the loss from `hidden` and back-propagate it (e.g. with
@@ -34,7 +34,7 @@ struct Recompute {
     seeds: Vec<i64>,
 }
 
-impl Mistral {
+impl CausalLm {
     /// A forward pass (see [`ForwardOptions`]). With `recompute`, the decoder layers run
     /// without a graph and only their inputs are kept (memory: one `[N, T, H]` tensor per
     /// layer instead of every activation); [`ForwardPass::finish_backward`] recomputes each
@@ -85,7 +85,7 @@ impl ForwardPass {
     /// Back-propagates through the recomputed layers into the model's parameters, once the
     /// loss's gradient has reached `hidden`. A no-op without recomputation, or when no
     /// gradient reached the hidden states.
-    pub fn finish_backward(self, model: &Mistral) -> Result<()> {
+    pub fn finish_backward(self, model: &CausalLm) -> Result<()> {
         let Some(r) = self.recompute else {
             return Ok(());
         };

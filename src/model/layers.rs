@@ -1,6 +1,6 @@
-//! The building blocks of a Mistral decoder: RMSNorm, rotary embeddings, attention masks.
+//! The building blocks of the decoder: RMSNorm, attention masks, attention itself.
 
-use tch::{Device, Kind, Tensor};
+use tch::{Kind, Tensor};
 
 /// RMSNorm with libtorch's fused `rms_norm` (one kernel forward and backward on CUDA, its
 /// statistics in f32 for half-precision inputs), instead of the eight element-wise kernels
@@ -16,46 +16,6 @@ use tch::{Device, Kind, Tensor};
 pub(crate) fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Tensor {
     let width = *x.size().last().unwrap_or(&0);
     x.rms_norm([width], Some(weight), eps)
-}
-
-/// Rotary position embeddings (`rotate_half` convention, as Hugging Face's Mistral).
-#[derive(Debug)]
-pub(crate) struct Rotary {
-    inverse_frequencies: Tensor,
-}
-
-impl Rotary {
-    /// `inv_freq_j = θ^(−2j/d)` for `j < d/2`, in f32.
-    pub fn new(head_dim: i64, theta: f64, device: Device) -> Self {
-        let exponents = Tensor::arange_start_step(0, head_dim, 2, (Kind::Int64, device))
-            .to_kind(Kind::Float)
-            / head_dim as f64;
-        let inverse_frequencies = Tensor::from(theta)
-            .to_device(device)
-            .to_kind(Kind::Float)
-            .pow(&exponents)
-            .reciprocal();
-        Rotary {
-            inverse_frequencies,
-        }
-    }
-
-    /// `(cos, sin)` `[T, d]` for positions `0..T`, in `kind`.
-    pub fn cos_sin(&self, positions: i64, kind: Kind) -> (Tensor, Tensor) {
-        let device = self.inverse_frequencies.device();
-        let t = Tensor::arange(positions, (Kind::Float, device));
-        let frequencies = t.unsqueeze(1) * self.inverse_frequencies.unsqueeze(0);
-        let angles = Tensor::cat(&[&frequencies, &frequencies], 1);
-        (angles.cos().to_kind(kind), angles.sin().to_kind(kind))
-    }
-}
-
-/// `x·cos + rotate_half(x)·sin` for `x` `[N, heads, T, d]`.
-pub(crate) fn apply_rotary(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Tensor {
-    let half = x.size()[3] / 2;
-    let (first, second) = (x.narrow(3, 0, half), x.narrow(3, half, half));
-    let rotated = Tensor::cat(&[&-second, &first], 3);
-    x * cos + rotated * sin
 }
 
 /// The attention mask `[N, 1, T, T]` (true = may attend) for any padding layout, or `None`
@@ -99,9 +59,108 @@ pub(crate) fn attention_mask(
     Some(allowed.unsqueeze(1))
 }
 
+/// An RMSNorm weight and how the family applies it: `w·x̂`, or `(1 + w)·x̂` (Gemma, whose
+/// norms store the offset from one).
+#[derive(Debug)]
+pub(crate) struct Norm {
+    pub weight: Tensor,
+    offset: bool,
+}
+
+impl Norm {
+    pub fn new(weight: Tensor, offset: bool) -> Self {
+        Norm { weight, offset }
+    }
+
+    /// The normalized `x` over its last dimension.
+    pub fn forward(&self, x: &Tensor, eps: f64) -> Tensor {
+        if self.offset {
+            rms_norm(x, &(&self.weight + 1.0), eps)
+        } else {
+            rms_norm(x, &self.weight, eps)
+        }
+    }
+}
+
+/// Which keys each query of one kind of layer (full or sliding) may attend.
+#[derive(Debug)]
+pub(crate) struct LayerMask {
+    /// `[N or 1, 1, t, T]` (true = may attend), or `None` for plain attention.
+    pub mask: Option<Tensor>,
+    /// Without a mask: causal (queries aligned to the end of the keys) or full.
+    pub causal: bool,
+}
+
+impl LayerMask {
+    pub fn shallow_clone(&self) -> Self {
+        LayerMask {
+            mask: self.mask.as_ref().map(Tensor::shallow_clone),
+            causal: self.causal,
+        }
+    }
+}
+
+/// How attention scores are formed: the scale of `q·kᵀ` and an optional soft cap.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(crate) struct Scoring {
+    /// `None`: `1/√d`.
+    pub scale: Option<f64>,
+    /// `c·tanh(s/c)` on the scaled scores (Gemma 2).
+    pub softcap: Option<f64>,
+}
+
+/// Attention of `q` `[N, heads, t, d]` over `k`, `v` `[N, kv_heads, T, d]`. Without a soft
+/// cap this is libtorch's fused attention (flash when the mask allows, sharing each
+/// key/value head among its query heads in place); with one, the scores are formed,
+/// capped, masked and normalized in f32 explicitly, as transformers' eager path does.
+pub(crate) fn attend(q: &Tensor, k: &Tensor, v: &Tensor, mask: &LayerMask, scoring: Scoring) -> Tensor {
+    let groups = q.size()[1] / k.size()[1];
+    let share_heads = groups > 1 && mask.mask.is_none() && scoring.softcap.is_none();
+    let repeat = |y: &Tensor| {
+        if groups == 1 || share_heads {
+            y.shallow_clone()
+        } else {
+            y.repeat_interleave_self_int(groups, 1, None)
+        }
+    };
+    let (k, v) = (repeat(k), repeat(v));
+    let Some(cap) = scoring.softcap else {
+        return Tensor::scaled_dot_product_attention(
+            q,
+            &k,
+            &v,
+            mask.mask.as_ref(),
+            0.0,
+            mask.causal,
+            scoring.scale,
+            share_heads,
+        );
+    };
+    let scale = scoring.scale.unwrap_or(1.0 / (q.size()[3] as f64).sqrt());
+    let scores = q.matmul(&k.transpose(-2, -1)) * scale;
+    let scores = (scores / cap).tanh() * cap;
+    let allowed = match (&mask.mask, mask.causal) {
+        (Some(m), _) => Some(m.shallow_clone()),
+        (None, true) => {
+            let (t, total) = (q.size()[2], k.size()[2]);
+            let device = q.device();
+            let query = Tensor::arange_start(total - t, total, (Kind::Int64, device)).unsqueeze(1);
+            let key = Tensor::arange(total, (Kind::Int64, device)).unsqueeze(0);
+            Some(key.le_tensor(&query))
+        }
+        (None, false) => None,
+    };
+    let scores = match allowed {
+        Some(allowed) => scores.masked_fill(&allowed.logical_not(), f64::NEG_INFINITY),
+        None => scores,
+    };
+    scores.softmax(-1, Kind::Float).to_kind(q.kind()).matmul(&v)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tch::Device;
 
     /// Hugging Face's formula, as this crate computed it before the fused kernel.
     fn reference_rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Tensor {

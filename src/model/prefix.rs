@@ -10,8 +10,9 @@
 use tch::{Kind, Tensor};
 
 use crate::error::{RefaError, Result};
-use crate::mistral::model::{layer_seeds, seed_dropout, AttentionContext, LayerCache, Padding};
-use crate::mistral::Mistral;
+use crate::model::causal_lm::{layer_seeds, seed_dropout, AttentionContext, LayerCache, Padding};
+use crate::model::layers::LayerMask;
+use crate::model::CausalLm;
 
 /// A batch laid out for prefix sharing: each prompt once, its responses after it.
 ///
@@ -75,7 +76,7 @@ impl SharedPrefixBatch {
     }
 }
 
-impl Mistral {
+impl CausalLm {
     /// Hidden states for scoring the responses of a [`SharedPrefixBatch`], computing each
     /// prompt's layers once: `[P·K, 1 + Lr, H]`, where position 0 holds the last prompt
     /// token's hidden state (it predicts the response's first token) and positions `1..`
@@ -144,26 +145,31 @@ impl Mistral {
         };
         let query = positions.unsqueeze(2);
         let prompt_keys = Tensor::arange(prompt_width, (Kind::Int64, device)).view([1, 1, -1]);
-        let mut sees_prompt = prompt_keys.lt_tensor(&prompt_lengths.view([-1, 1, 1]));
-        let mut sees_response = steps.view([1, 1, -1]).le_tensor(&steps.view([1, -1, 1]));
-        if let Some(window) = self.config().sliding_window {
-            sees_prompt = sees_prompt.logical_and(&(&query - &prompt_keys).lt(window));
-            let distance = steps.view([1, -1, 1]) - steps.view([1, 1, -1]);
-            sees_response = sees_response.logical_and(&distance.lt(window));
-        }
-        let mask = Tensor::cat(
-            &[
-                sees_prompt.expand([rows, width, prompt_width], false),
-                sees_response.expand([rows, width, width], false),
-            ],
-            2,
-        );
-        Ok(AttentionContext {
-            cos: table(&cos),
-            sin: table(&sin),
-            mask: Some(mask.unsqueeze(1)),
-            causal: false,
-            config: self.config().clone(),
-        })
+        let build = |window: Option<i64>| {
+            let mut sees_prompt = prompt_keys.lt_tensor(&prompt_lengths.view([-1, 1, 1]));
+            let mut sees_response = steps.view([1, 1, -1]).le_tensor(&steps.view([1, -1, 1]));
+            if let Some(window) = window {
+                sees_prompt = sees_prompt.logical_and(&(&query - &prompt_keys).lt(window));
+                let distance = steps.view([1, -1, 1]) - steps.view([1, 1, -1]);
+                sees_response = sees_response.logical_and(&distance.lt(window));
+            }
+            let mask = Tensor::cat(
+                &[
+                    sees_prompt.expand([rows, width, prompt_width], false),
+                    sees_response.expand([rows, width, width], false),
+                ],
+                2,
+            );
+            LayerMask {
+                mask: Some(mask.unsqueeze(1)),
+                causal: false,
+            }
+        };
+        Ok(AttentionContext::new(
+            table(&cos),
+            table(&sin),
+            self.config(),
+            build,
+        ))
     }
 }
