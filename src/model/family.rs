@@ -238,6 +238,8 @@ pub(crate) const HARMLESS_KEYS: &[&str] = &[
     "use_cache",
     "initializer_range",
     "_name_or_path",
+    "_model_name_or_path",
+    "unk_token_id",
     "name_or_path",
     "auto_map",
     "output_attentions",
