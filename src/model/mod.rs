@@ -44,7 +44,7 @@ pub use config::ModelConfig;
 pub use family::{Activation, Family, Switches};
 pub use rope::{Rope, RopeScaling};
 pub use generate::GenerationOptions;
-pub use jinja::{ChatMessage, JinjaTemplate};
+pub use jinja::{parse_template_kwarg, ChatMessage, JinjaTemplate, TemplateKwargs};
 pub use lora::{LoraConfig, LoraTarget};
 pub use causal_lm::{ForwardOptions, CausalLm, Padding};
 pub use prefix::SharedPrefixBatch;
