@@ -22,7 +22,8 @@ pub struct TokenizeReport {
     pub fewer_than_two_responses: usize,
     /// Dropped: every response has the same score (no preference).
     pub all_scores_equal: usize,
-    /// Responses cut at the length limit (they have no EOS, and the EOS regularizer skips them).
+    /// Responses cut at the length limit (they have no end-of-turn token
+    /// ([`ChatTokenizer::end_of_turn_id`]), and the EOS regularizer skips them).
     pub truncated_responses: usize,
 }
 
@@ -52,7 +53,7 @@ pub fn tokenize_records(
         report.truncated_responses += example
             .responses
             .iter()
-            .filter(|e| !e.ends_with(tokenizer.eos_id()))
+            .filter(|e| !e.ends_with(tokenizer.end_of_turn_id()))
             .count();
         examples.push(example);
         report.kept += 1;

@@ -2,10 +2,11 @@
 
 use std::path::Path;
 
+use serde_json::Value;
 use tokenizers::Tokenizer;
 
 use crate::error::{RefaError, Result};
-use crate::model::jinja::{ChatMessage, JinjaTemplate};
+use crate::model::jinja::{is_python_space, ChatMessage, JinjaTemplate};
 
 /// How a conversation turn becomes text.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -28,7 +29,7 @@ pub enum TemplateChoice {
     #[default]
     Auto,
     /// The built-in Mistral-instruct template.
-    CausalLm,
+    Mistral,
     /// The built-in Zephyr template.
     Zephyr,
 }
@@ -59,7 +60,8 @@ impl ChatTemplate {
 pub struct Encoded {
     /// Prompt ids (BOS and the template's markers included).
     pub prompt: Vec<i64>,
-    /// Response ids (EOS included unless truncated).
+    /// Response ids (the end-of-turn token included unless truncated; see
+    /// [`ChatTokenizer::end_of_turn_id`]).
     pub response: Vec<i64>,
 }
 
@@ -76,19 +78,23 @@ impl Encoded {
             .collect()
     }
 
-    /// Whether the response ends with `eos_id` (false after truncation).
+    /// Whether the response ends with `eos_id` (false after truncation); pass
+    /// [`ChatTokenizer::end_of_turn_id`].
     pub fn ends_with(&self, eos_id: i64) -> bool {
         self.response.last() == Some(&eos_id)
     }
 }
 
-/// A tokenizer with a chat template and the model's BOS/EOS ids.
+/// A tokenizer with a chat template, the model's BOS/EOS ids, and the ids that end a
+/// response and pad a batch.
 pub struct ChatTokenizer {
     tokenizer: Tokenizer,
     template: ChatTemplate,
     jinja: Option<JinjaTemplate>,
     bos_id: i64,
     eos_id: i64,
+    end_of_turn_id: i64,
+    pad_id: Option<i64>,
 }
 
 impl std::fmt::Debug for ChatTokenizer {
@@ -97,12 +103,22 @@ impl std::fmt::Debug for ChatTokenizer {
             .field("template", &self.template)
             .field("bos_id", &self.bos_id)
             .field("eos_id", &self.eos_id)
+            .field("end_of_turn_id", &self.end_of_turn_id)
+            .field("pad_id", &self.pad_id)
             .finish()
     }
 }
 
+/// Stand-ins for the contents of a turn, found again in the rendered text: plain ASCII
+/// letters, which no template's `trim` or `strip` changes.
+const USER_PROBE: &str = "RefaProbeUserTurnText";
+const ANSWER_PROBE: &str = "RefaProbeAssistantTurnText";
+
 impl ChatTokenizer {
-    /// Loads `tokenizer.json`.
+    /// Loads `tokenizer.json`. Its pad token is the `pad_token` of the `tokenizer_config.json`
+    /// beside it when there is one, else that of the file's own padding settings, else none
+    /// ([`pad_id`](Self::pad_id) then falls back to the EOS id). The response end is `eos_id`
+    /// until a checkpoint's template says otherwise ([`with_jinja`](Self::with_jinja)).
     pub fn from_file(
         path: impl AsRef<Path>,
         template: ChatTemplate,
@@ -111,45 +127,146 @@ impl ChatTokenizer {
     ) -> Result<Self> {
         let path = path.as_ref();
         let tokenizer = Tokenizer::from_file(path).map_err(|e| RefaError::config(path, e))?;
-        Ok(ChatTokenizer {
-            tokenizer,
-            template,
-            jinja: None,
-            bos_id,
-            eos_id,
-        })
+        let mut chat = Self::new(tokenizer, template, bos_id, eos_id);
+        if let Some(folder) = path.parent() {
+            chat = chat.with_checkpoint_pad_token(folder)?;
+        }
+        Ok(chat)
     }
 
     /// Parses the text of a `tokenizer.json` already in memory (e.g. one bundled with
-    /// `include_str!`).
+    /// `include_str!`); its pad token is that of its padding settings, if any.
     pub fn from_json(json: &str, template: ChatTemplate, bos_id: i64, eos_id: i64) -> Result<Self> {
         let tokenizer = Tokenizer::from_bytes(json.as_bytes())
             .map_err(|e| RefaError::config("tokenizer.json", e))?;
-        Ok(ChatTokenizer {
+        Ok(Self::new(tokenizer, template, bos_id, eos_id))
+    }
+
+    fn new(tokenizer: Tokenizer, template: ChatTemplate, bos_id: i64, eos_id: i64) -> Self {
+        let pad_id = tokenizer.get_padding().map(|p| i64::from(p.pad_id));
+        ChatTokenizer {
             tokenizer,
             template,
             jinja: None,
             bos_id,
             eos_id,
-        })
+            end_of_turn_id: eos_id,
+            pad_id,
+        }
     }
 
-    /// Frames conversations with `template` (a checkpoint's own) instead of the built-in one.
+    /// Frames conversations with `template` (a checkpoint's own) instead of the built-in one,
+    /// and takes the response end from it: the token the template closes an assistant turn
+    /// with ([`end_of_turn_id`](Self::end_of_turn_id)).
     pub fn with_jinja(mut self, template: JinjaTemplate) -> Self {
+        self.end_of_turn_id = self.probe_end_of_turn(&template).unwrap_or(self.eos_id);
         self.jinja = Some(template);
         self
     }
 
-    /// With [`TemplateChoice::Auto`], the chat template of the checkpoint `folder` when it
-    /// has one ([`JinjaTemplate::from_checkpoint`]); otherwise unchanged.
-    pub fn with_checkpoint_template(self, folder: &Path, choice: TemplateChoice) -> Result<Self> {
-        if choice != TemplateChoice::Auto {
+    /// Passes `kwargs` to the checkpoint's template, as transformers' `apply_chat_template`
+    /// passes its keyword arguments (`enable_thinking`, `date_string`, …), and takes the
+    /// response end again from the template so configured. An empty `kwargs` changes
+    /// nothing; any other needs a checkpoint's template (the built-in ones read none), and
+    /// the names transformers sets itself (`messages`, `add_generation_prompt`, `tools`,
+    /// `documents`) are refused.
+    pub fn with_template_kwargs(
+        self,
+        kwargs: impl IntoIterator<Item = (String, Value)>,
+    ) -> Result<Self> {
+        let kwargs: Vec<(String, Value)> = kwargs.into_iter().collect();
+        if kwargs.is_empty() {
             return Ok(self);
         }
+        let Some(jinja) = self.jinja.clone() else {
+            let names: Vec<&str> = kwargs.iter().map(|(name, _)| name.as_str()).collect();
+            return Err(RefaError::config(
+                "chat template keyword arguments",
+                format!(
+                    "{names:?} need the checkpoint's own chat template; the built-in {:?} \
+                     template reads none (use --template auto with a checkpoint that has one)",
+                    self.template
+                ),
+            ));
+        };
+        Ok(self.with_jinja(jinja.with_kwargs(kwargs)?))
+    }
+
+    /// With [`TemplateChoice::Auto`], the chat template of the checkpoint `folder` when it
+    /// has one ([`JinjaTemplate::from_checkpoint`]); otherwise the template is unchanged.
+    /// In every case the `pad_token` of the folder's `tokenizer_config.json`, when it names
+    /// one, becomes the pad token.
+    pub fn with_checkpoint_template(self, folder: &Path, choice: TemplateChoice) -> Result<Self> {
+        let this = self.with_checkpoint_pad_token(folder)?;
+        if choice != TemplateChoice::Auto {
+            return Ok(this);
+        }
         Ok(match JinjaTemplate::from_checkpoint(folder)? {
-            Some(template) => self.with_jinja(template),
-            None => self,
+            Some(template) => this.with_jinja(template),
+            None => this,
         })
+    }
+
+    /// The `pad_token` of `folder/tokenizer_config.json` (text or `{"content": …}`) as the
+    /// pad id, when the file exists and names a token this tokenizer knows.
+    fn with_checkpoint_pad_token(mut self, folder: &Path) -> Result<Self> {
+        let path = folder.join("tokenizer_config.json");
+        let Ok(text) = std::fs::read_to_string(&path) else {
+            return Ok(self);
+        };
+        let config: Value = serde_json::from_str(&text).map_err(|e| RefaError::config(&path, e))?;
+        let name = match config.get("pad_token") {
+            Some(Value::String(name)) => Some(name.as_str()),
+            Some(object) => object.get("content").and_then(Value::as_str),
+            None => None,
+        };
+        if let Some(name) = name {
+            let id = self.tokenizer.token_to_id(name).ok_or_else(|| {
+                RefaError::config(
+                    &path,
+                    format!("`pad_token` is {name:?}, which the tokenizer does not know"),
+                )
+            })?;
+            self.pad_id = Some(i64::from(id));
+        }
+        Ok(self)
+    }
+
+    /// The token `template` closes an assistant turn with: the first added token after the
+    /// answer in a one-turn conversation (`<|eot_id|>`, `<|im_end|>`, `<end_of_turn>`,
+    /// `</s>`, `<|end|>`), past whitespace only. `None` when the template prints no such
+    /// token there, or cannot render a user turn and an answer (with or without a system
+    /// prompt).
+    fn probe_end_of_turn(&self, template: &JinjaTemplate) -> Option<i64> {
+        let turns = [
+            ChatMessage::new("user", USER_PROBE),
+            ChatMessage::new("assistant", ANSWER_PROBE),
+        ];
+        let with_system = [ChatMessage::new("system", "You are a helpful assistant.")];
+        let text = template.render(&turns, false).ok().or_else(|| {
+            let turns: Vec<ChatMessage> = with_system.iter().chain(&turns).cloned().collect();
+            template.render(&turns, false).ok()
+        })?;
+        let after = &text[text.rfind(ANSWER_PROBE)? + ANSWER_PROBE.len()..];
+        let added = self.tokenizer.get_added_tokens_decoder();
+        for id in self.encode_text(after).ok()? {
+            if u32::try_from(id).is_ok_and(|id| added.contains_key(&id)) {
+                return Some(id);
+            }
+            if !self.decode_raw(&[id])?.chars().all(is_python_space) {
+                return None;
+            }
+        }
+        None
+    }
+
+    /// Ids to text with special tokens kept.
+    fn decode_raw(&self, ids: &[i64]) -> Option<String> {
+        let ids: Vec<u32> = ids
+            .iter()
+            .filter_map(|&id| u32::try_from(id).ok())
+            .collect();
+        self.tokenizer.decode(&ids, false).ok()
     }
 
     /// The checkpoint's template, when one frames the conversations.
@@ -194,16 +311,16 @@ impl ChatTokenizer {
         Ok(ids)
     }
 
-    /// A response, EOS last.
+    /// A response, the end-of-turn token last (with a built-in template: EOS).
     pub fn encode_response(&self, response: &str) -> Result<Vec<i64>> {
         let mut ids = self.encode_text(response)?;
-        ids.push(self.eos_id);
+        ids.push(self.end_of_turn_id);
         Ok(ids)
     }
 
     /// A prompt and a response, truncated to at most `max_prompt` prompt tokens (the prompt's
     /// start is kept, BOS included) and `max_total` tokens in all (the response is cut, and
-    /// then has no EOS). The prompt keeps at most `max_total − 1` tokens, so that every
+    /// then has no end-of-turn token). The prompt keeps at most `max_total − 1` tokens, so that every
     /// response keeps at least one; `max_prompt >= 1` and `max_total >= 2`.
     pub fn encode(
         &self,
@@ -254,12 +371,10 @@ impl ChatTokenizer {
         Ok(Encoded { prompt, response })
     }
 
-    /// With a checkpoint's template: prompt ids = the user turn with the generation prompt,
-    /// full ids = the user and assistant turns; the response is the full sequence after the
-    /// prompt prefix, up to and including its last EOS (only whitespace may follow it). A
-    /// template that does not keep the prompt a token prefix of the conversation, or whose
-    /// assistant turn has no EOS, is refused: training on a misaligned split would teach the
-    /// wrong tokens.
+    /// With a checkpoint's template: the prompt is the user turn rendered with the generation
+    /// prompt (what the model sees at inference), the response what the model emits after it
+    /// (the answer as the template prints it, up to and including the end-of-turn token; only
+    /// whitespace and special tokens may follow it). See [`split_turns`](Self::split_turns).
     fn split_conversation(
         &self,
         jinja: &JinjaTemplate,
@@ -270,6 +385,14 @@ impl ChatTokenizer {
     }
 
     /// [`split_conversation`](Self::split_conversation) after the turns of `context`.
+    ///
+    /// Where the rendered prompt is a prefix of the whole conversation, the response is the
+    /// conversation's text after it. Where it is not (Mistral v0.3 and Nemo print the system
+    /// prompt only in a user turn that ends the rendering), it is what the template prints
+    /// for the assistant's turn ([`emitted_text`](Self::emitted_text)). Either way the ids
+    /// are those of prompt + response as one text, which must start with the prompt's own
+    /// ids; a split that cannot be made so is refused (training on a misaligned split would
+    /// teach the wrong tokens).
     fn split_turns(
         &self,
         jinja: &JinjaTemplate,
@@ -279,44 +402,116 @@ impl ChatTokenizer {
     ) -> Result<(Vec<i64>, Vec<i64>)> {
         let mut turns = context.to_vec();
         turns.push(ChatMessage::new("user", prompt));
-        let prompt_ids = self.encode_text(&jinja.render(&turns, true)?)?;
+        let prompt_text = jinja.render(&turns, true)?;
+        let prompt_ids = self.encode_text(&prompt_text)?;
         turns.push(ChatMessage::new("assistant", response));
-        let full = self.encode_text(&jinja.render(&turns, false)?)?;
-        if !full.starts_with(&prompt_ids) {
+        let full_text = jinja.render(&turns, false)?;
+        let emitted = match full_text.strip_prefix(&prompt_text) {
+            Some(rest) => rest.to_string(),
+            None => self.emitted_text(jinja, &turns, &full_text)?,
+        };
+        let ids = self.encode_text(&format!("{prompt_text}{emitted}"))?;
+        if !ids.starts_with(&prompt_ids) {
             let at = prompt_ids
                 .iter()
-                .zip(&full)
+                .zip(&ids)
                 .take_while(|(a, b)| a == b)
                 .count();
             return Err(RefaError::config(
                 "chat_template",
                 format!(
-                    "the prompt is not a token prefix of the conversation (they differ at token {at}): \
-                     the template renders the user turn differently once an answer follows, so \
+                    "the prompt is not a token prefix of the conversation (they differ at token \
+                     {at}): the answer's first tokens merge with the prompt's last ones, so \
                      prompt and response cannot be split"
                 ),
             ));
         }
-        let rest = &full[prompt_ids.len()..];
+        let rest = &ids[prompt_ids.len()..];
+        let end = self.end_of_response(rest)?;
+        Ok((prompt_ids, rest[..=end].to_vec()))
+    }
+
+    /// The index in `rest` (the ids after the prompt) of the end-of-turn token that ends the
+    /// response: the last one, after which only whitespace and special tokens (a template's
+    /// closing EOS, as Phi-3 prints) may follow.
+    fn end_of_response(&self, rest: &[i64]) -> Result<usize> {
         let end = rest
             .iter()
-            .rposition(|&id| id == self.eos_id)
+            .rposition(|&id| id == self.end_of_turn_id)
             .ok_or_else(|| {
                 RefaError::config(
                     "chat_template",
                     format!(
-                        "the assistant turn does not end with the EOS token (id {})",
-                        self.eos_id
+                        "the assistant turn does not end with the end-of-turn token (id {}): \
+                         the template closes an assistant turn with no token of the tokenizer's \
+                         added vocabulary, so a response has no end to learn",
+                        self.end_of_turn_id
                     ),
                 )
             })?;
-        if !self.decode(&rest[end + 1..])?.trim().is_empty() {
+        if !self.decode(&rest[end + 1..])?.chars().all(is_python_space) {
             return Err(RefaError::config(
                 "chat_template",
-                "text follows the assistant turn's EOS token; the response cannot end with EOS",
+                "text follows the assistant turn's end-of-turn token; the response cannot end \
+                 with it",
             ));
         }
-        Ok((prompt_ids, rest[..=end].to_vec()))
+        Ok(end)
+    }
+
+    /// What the model emits after the generation prompt, for a template that renders the
+    /// turns before the answer differently once an answer follows (`turns` ends with the
+    /// user's turn and the answer, `full_text` is their rendering): the text the template
+    /// prints for the assistant's turn there. Probes with stand-in texts find (1) what the
+    /// template prints between the user's text and the answer, of which the part the
+    /// generation prompt ends with belongs to the prompt and the rest (Mistral v0.3's space)
+    /// opens the answer, and (2) where the answer begins in the conversation.
+    fn emitted_text(
+        &self,
+        jinja: &JinjaTemplate,
+        turns: &[ChatMessage],
+        full_text: &str,
+    ) -> Result<String> {
+        let refused = |why: &str| {
+            RefaError::config(
+                "chat_template",
+                format!(
+                    "the prompt is not a token prefix of the conversation: the template renders \
+                     the turns before the answer differently once an answer follows, and {why}, \
+                     so prompt and response cannot be split"
+                ),
+            )
+        };
+        let n = turns.len();
+        let mut probe = turns.to_vec();
+        probe[n - 2].content = USER_PROBE.to_string();
+        probe[n - 1].content = ANSWER_PROBE.to_string();
+        let prompt = jinja.render(&probe[..n - 1], true)?;
+        let conversation = jinja.render(&probe, false)?;
+        let after_user = |text: &str| {
+            text.rfind(USER_PROBE)
+                .map(|at| text[at + USER_PROBE.len()..].to_string())
+        };
+        let (Some(closing), Some(between)) = (after_user(&prompt), after_user(&conversation))
+        else {
+            return Err(refused("the user's turn is not printed as written"));
+        };
+        let opening = between
+            .strip_prefix(closing.as_str())
+            .and_then(|rest| rest.find(ANSWER_PROBE).map(|at| rest[..at].to_string()))
+            .ok_or_else(|| refused("the generation prompt is not what opens the answer"))?;
+        let mut located = turns.to_vec();
+        located[n - 1].content = ANSWER_PROBE.to_string();
+        let with_probe = jinja.render(&located, false)?;
+        let at = with_probe
+            .rfind(ANSWER_PROBE)
+            .ok_or_else(|| refused("the answer is not printed as written"))?;
+        let (head, tail) = (&with_probe[..at], &with_probe[at + ANSWER_PROBE.len()..]);
+        let answer = full_text
+            .strip_prefix(head)
+            .filter(|rest| rest.ends_with(tail) && head.ends_with(&opening))
+            .ok_or_else(|| refused("the answer changes the text around it"))?;
+        Ok(format!("{opening}{answer}"))
     }
 
     /// Tokens the tokenizer can produce, added tokens included.
@@ -324,9 +519,9 @@ impl ChatTokenizer {
         self.tokenizer.get_vocab_size(true) as i64
     }
 
-    /// Checks that every id this tokenizer can produce (and its BOS and EOS) is a row of a
-    /// model whose vocabulary has `model_vocab` tokens: a larger tokenizer would index past
-    /// the model's embedding.
+    /// Checks that every id this tokenizer can produce (and its BOS, EOS, end-of-turn and pad
+    /// ids) is a row of a model whose vocabulary has `model_vocab` tokens: a larger tokenizer
+    /// would index past the model's embedding.
     pub fn check_fits(&self, model_vocab: i64) -> Result<()> {
         let message = |what: String| {
             RefaError::config(
@@ -340,7 +535,13 @@ impl ChatTokenizer {
                 self.vocab_size()
             )));
         }
-        for (name, id) in [("BOS", self.bos_id), ("EOS", self.eos_id)] {
+        let ids = [
+            ("BOS", self.bos_id),
+            ("EOS", self.eos_id),
+            ("end-of-turn", self.end_of_turn_id),
+            ("pad", self.pad_id()),
+        ];
+        for (name, id) in ids {
             if !(0..model_vocab).contains(&id) {
                 return Err(message(format!("the {name} id is {id}")));
             }
@@ -348,9 +549,27 @@ impl ChatTokenizer {
         Ok(())
     }
 
-    /// The EOS id.
+    /// The EOS id (the model's, as given to [`from_file`](Self::from_file)).
     pub fn eos_id(&self) -> i64 {
         self.eos_id
+    }
+
+    /// The token that ends a response: what the checkpoint's chat template closes an
+    /// assistant turn with (`<|eot_id|>` for Llama 3, `<|im_end|>` for Qwen and SmolLM2,
+    /// `<end_of_turn>` for Gemma, `<|end|>` for Phi-3, `</s>` for Mistral), read from a
+    /// rendered one-turn conversation; the EOS id with a built-in template, or when the
+    /// template closes the turn with no added token. Responses end with it (unless cut), the
+    /// EOS regularizer reads its probability, and generation should stop at it.
+    pub fn end_of_turn_id(&self) -> i64 {
+        self.end_of_turn_id
+    }
+
+    /// The id that pads batches: the tokenizer's pad token (`pad_token` of the
+    /// `tokenizer_config.json` beside `tokenizer.json` or in the checkpoint folder, else the
+    /// padding settings of `tokenizer.json`), else the EOS id. Padding is never attended or
+    /// scored, so any id of the vocabulary would do; this one is what transformers pads with.
+    pub fn pad_id(&self) -> i64 {
+        self.pad_id.unwrap_or(self.eos_id)
     }
 
     /// The template.
