@@ -372,7 +372,10 @@ fn smollm2_instruct_trains_on_the_tokens_it_emits() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let folder = root.join("target/models/SmolLM2-135M-Instruct");
     if !folder.join(".refa-smollm2-complete").exists() {
-        eprintln!("skipped: run scripts/make-smollm2 to build {}", folder.display());
+        eprintln!(
+            "skipped: run scripts/make-smollm2 to build {}",
+            folder.display()
+        );
         return;
     }
     let text = std::fs::read_to_string(root.join("tests/fixtures/smollm2/expected.json"))
@@ -398,6 +401,42 @@ fn smollm2_instruct_trains_on_the_tokens_it_emits() {
         let answer = case["greedy_text"].as_str().expect("answer");
         let encoded = tokenizer.encode(prompt, answer, 4096, 8192).expect("split");
         assert_eq!(encoded.prompt, prompt_ids);
-        assert_eq!(Some(encoded.response), ids(&case["greedy_ids"]), "{answer:?}");
+        assert_eq!(
+            Some(encoded.response),
+            ids(&case["greedy_ids"]),
+            "{answer:?}"
+        );
     }
+}
+
+/// `parse_template_kwarg` as a clap value parser: the `--template-kwarg NAME=VALUE` flag
+/// the examples take, repeatable, JSON values or text.
+#[cfg(feature = "trainer")]
+#[test]
+fn template_kwargs_come_from_the_command_line() {
+    use clap::Parser;
+    #[derive(Parser)]
+    struct Args {
+        #[arg(long = "template-kwarg", value_name = "NAME=VALUE", value_parser = parse_template_kwarg)]
+        template_kwargs: Vec<(String, Value)>,
+    }
+    let args = Args::try_parse_from([
+        "train",
+        "--template-kwarg",
+        "enable_thinking=false",
+        "--template-kwarg",
+        "date_string=26 Jul 2024",
+    ])
+    .expect("flags");
+    assert_eq!(
+        args.template_kwargs,
+        [
+            ("enable_thinking".to_string(), Value::Bool(false)),
+            ("date_string".to_string(), Value::from("26 Jul 2024")),
+        ]
+    );
+    let err = Args::try_parse_from(["train", "--template-kwarg", "enable_thinking"])
+        .err()
+        .expect("refused");
+    assert!(err.to_string().contains("is not NAME=VALUE"), "{err}");
 }
