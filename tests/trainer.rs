@@ -683,6 +683,7 @@ fn hub_dataset_layouts_are_read_by_name_and_by_auto() {
         source: "{{ bos_token }}{% for m in messages %}{% if m.role == 'system' %}{{ '<<SYS>> ' + m.content + ' <</SYS>> ' }}{% elif m.role == 'user' %}{{ '[INST] ' + m.content + ' [/INST]' }}{% else %}{{ m.content + eos_token }}{% endif %}{% endfor %}".into(),
         bos_token: "<s>".into(),
         eos_token: "</s>".into(),
+        kwargs: Default::default(),
     });
     let (examples, _) =
         tokenize_records(&records, &templated, 128, 256).expect("with the template");
