@@ -140,6 +140,7 @@ fn run(args: Args) -> anyhow::Result<()> {
         scoring: ScoringConfig::new(config.eos_token_id),
         pad_id: config.eos_token_id,
         share_prompts: args.share_prompts,
+        overwrite_output_dir: false,
     };
     let lengths: Vec<usize> = examples
         .iter()

@@ -23,7 +23,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use refa_loss::analysis::plot_history;
 use refa_loss::data::{split_eval, tokenize_records, DataFormat, ScoreField, TokenizedExample};
 use refa_loss::model::{
-    ChatTokenizer, LoraConfig, LoraTarget, CausalLm, ModelConfig, TemplateChoice,
+    CausalLm, ChatTokenizer, LoraConfig, LoraTarget, ModelConfig, TemplateChoice,
 };
 use refa_loss::scoring::ScoringConfig;
 use refa_loss::train::{
@@ -162,6 +162,10 @@ struct Args {
     /// yet: start at step 0, so that a job torchrun restarts continues where it stopped).
     #[arg(long)]
     resume: Option<String>,
+    /// Start over in an --output-dir that holds an earlier run: delete its checkpoints and
+    /// metrics.jsonl first (without it, such a folder is refused unless the run resumes).
+    #[arg(long)]
+    overwrite_output_dir: bool,
     /// Under torchrun (data-parallel, feature `distributed`): seconds a collective may wait
     /// for the other ranks before the run stops with an error naming the lost ones (default
     /// 600).
@@ -188,6 +192,9 @@ fn run(mut args: Args) -> anyhow::Result<()> {
             "--shard-optimizer and --dist-timeout apply to a data-parallel job, and WORLD_SIZE \
              is unset: launch with `torchrun --no-python --nproc_per_node N` (docs/distributed.md)"
         );
+    }
+    if args.overwrite_output_dir && args.resume.is_some() {
+        bail!("--overwrite-output-dir with --resume: a run starts over or continues, not both");
     }
     if args.dist_timeout == Some(0) {
         bail!("--dist-timeout 0: must be >= 1 second");
@@ -218,6 +225,7 @@ fn run(mut args: Args) -> anyhow::Result<()> {
     let limits = token_limits(&args, model.config())?;
     let tokenizer = load_tokenizer(&args, model.config())?;
     let (train, eval) = load_examples(&args, &tokenizer, limits)?;
+    let resume_from = resume_folder(&args);
     let lr = args
         .lr
         .unwrap_or(if args.model.is_some() { 3e-7 } else { 1e-3 });
@@ -245,6 +253,10 @@ fn run(mut args: Args) -> anyhow::Result<()> {
         },
         pad_id: model.config().eos_token_id,
         share_prompts: args.share_prompts,
+        // `--resume latest` with no checkpoint yet starts at step 0 in place of what a run
+        // killed before its first checkpoint logged.
+        overwrite_output_dir: args.overwrite_output_dir
+            || (args.resume.is_some() && resume_from.is_none()),
     };
     println!(
         "device {device:?}, {kind:?} weights, loss {}, {} trainable parameters ({}), {} train / {} eval prompts",
@@ -269,21 +281,7 @@ fn run(mut args: Args) -> anyhow::Result<()> {
             bytes as f64 / 1e9
         );
     }
-    let folder = match args.resume.as_deref() {
-        Some("latest") => {
-            let latest = latest_checkpoint(&args.output_dir);
-            if latest.is_none() {
-                println!(
-                    "no checkpoint in {} yet: starting at step 0",
-                    args.output_dir.display()
-                );
-            }
-            latest
-        }
-        Some(path) => Some(PathBuf::from(path)),
-        None => None,
-    };
-    if let Some(folder) = folder {
+    if let Some(folder) = resume_from {
         for note in trainer.resume(&folder)? {
             println!("note: {note}");
         }
@@ -331,6 +329,23 @@ fn run(mut args: Args) -> anyhow::Result<()> {
         std::process::exit(status);
     }
     Ok(())
+}
+
+/// The checkpoint `--resume` names: a folder, or for `latest` the newest in --output-dir.
+fn resume_folder(args: &Args) -> Option<PathBuf> {
+    match args.resume.as_deref()? {
+        "latest" => {
+            let latest = latest_checkpoint(&args.output_dir);
+            if latest.is_none() {
+                println!(
+                    "no checkpoint in {} yet: starting at step 0",
+                    args.output_dir.display()
+                );
+            }
+            latest
+        }
+        path => Some(PathBuf::from(path)),
+    }
 }
 
 fn load_model(

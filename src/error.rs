@@ -168,6 +168,34 @@ pub enum RefaError {
         last_checkpoint: Option<String>,
     },
 
+    /// Another trainer holds the output folder's lock (`.trainer.lock`): two trainers in one
+    /// folder would delete or replace each other's checkpoints and lose logged steps.
+    #[error(
+        "output folder {path} is in use by another trainer (pid {}): wait for it to end, or \
+         choose another output folder",
+        .pid.map_or_else(|| "unknown".to_string(), |p| p.to_string())
+    )]
+    OutputInUse {
+        /// The output folder.
+        path: String,
+        /// The process holding the lock, when its lock file names a live one.
+        pid: Option<u32>,
+    },
+
+    /// A fresh run was asked for in an output folder that holds another run's checkpoints
+    /// or metrics; the earlier run is left as it was.
+    #[error(
+        "output folder {path} holds an earlier run ({found}): continue it with `--resume \
+         latest` (Trainer::resume), start over with `--overwrite-output-dir` \
+         (TrainConfig::overwrite_output_dir), which deletes it, or choose another output folder"
+    )]
+    OutputHasRun {
+        /// The output folder.
+        path: String,
+        /// What is there, e.g. `checkpoint-40, checkpoint-60 and 63 records in metrics.jsonl`.
+        found: String,
+    },
+
     /// A checkpoint lacks a tensor the model needs, holds one it does not know, or holds one
     /// of the wrong shape or kind.
     #[error("checkpoint tensor `{tensor}`: {problem}")]

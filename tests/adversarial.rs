@@ -298,7 +298,7 @@ fn a_checkpoint_with_its_own_chat_template_trains_with_it() {
         "misaligned template",
     );
     let mut builtin = args.clone();
-    builtin.extend_from_slice(&["--template", "zephyr"]);
+    builtin.extend_from_slice(&["--template", "zephyr", "--overwrite-output-dir"]);
     let output = run("train_mistral", &builtin);
     assert!(output.status.success(), "{}", text(&output.stderr));
     assert!(
@@ -558,10 +558,10 @@ fn kills_during_saving_and_pruning_leave_every_visible_checkpoint_loadable() {
     ];
     let mut random = 0x2545_f491_4f6c_dd1du64;
     for round in 0..6 {
+        // As a restarted job is: the latest checkpoint, or step 0 in place of a run killed
+        // before its first.
         let mut args = base.to_vec();
-        if refa_loss::train::latest_checkpoint(dir.path()).is_some() {
-            args.extend_from_slice(&["--resume", "latest"]);
-        }
+        args.extend_from_slice(&["--resume", "latest"]);
         let mut child = command("train_mistral", &args)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -617,6 +617,162 @@ fn kills_during_saving_and_pruning_leave_every_visible_checkpoint_loadable() {
         (1..=step + 2).collect::<Vec<_>>(),
         "every step logged once"
     );
+}
+
+/// The `checkpoint-N` folders of `folder` by step, each with its `trainer_state.json` and
+/// the bytes of its weights.
+fn checkpoint_contents(folder: &Path) -> Vec<(i64, TrainerState, Vec<u8>)> {
+    let mut found: Vec<(i64, TrainerState, Vec<u8>)> = std::fs::read_dir(folder)
+        .expect("list")
+        .filter_map(|e| {
+            let path = e.ok()?.path();
+            let step = path
+                .file_name()?
+                .to_str()?
+                .strip_prefix("checkpoint-")?
+                .parse()
+                .ok()?;
+            let state = TrainerState::read(&path).expect("state");
+            let weights = std::fs::read(path.join("model.safetensors")).expect("weights");
+            Some((step, state, weights))
+        })
+        .collect();
+    found.sort_by_key(|(step, _, _)| *step);
+    found
+}
+
+/// `(training steps, evaluated steps)` of `folder/metrics.jsonl`, in the log's order.
+fn logged_steps(folder: &Path) -> (Vec<i64>, Vec<i64>) {
+    let log = std::fs::read_to_string(folder.join("metrics.jsonl")).expect("log");
+    let mut steps = (Vec::new(), Vec::new());
+    for line in log.lines() {
+        let record: serde_json::Value = serde_json::from_str(line).expect("a whole JSON line");
+        let step = record["step"].as_i64().expect("step");
+        if record.get("eval/loss").is_some() {
+            steps.1.push(step);
+        } else {
+            steps.0.push(step);
+        }
+    }
+    steps
+}
+
+/// The case: a finished run, then a fresh one in its folder. Once, the fresh run
+/// pruned each checkpoint it wrote (the earlier run's numbers were higher) and exited 0. Now
+/// it is refused before its first step, naming the folder, what is there and the ways on, and
+/// the earlier run stays whole; with --overwrite-output-dir it starts over and leaves only its
+/// own checkpoints and log.
+#[test]
+fn a_fresh_run_in_a_finished_runs_folder_is_refused_or_starts_over() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let out = dir.path().to_str().unwrap();
+    let output = run("train_mistral", &["--output-dir", out, "--quiet"]);
+    assert!(output.status.success(), "{}", text(&output.stderr));
+    let earlier = checkpoint_contents(dir.path());
+    let steps: Vec<i64> = earlier.iter().map(|c| c.0).collect();
+    assert_eq!(steps, [40, 60]);
+    let log = std::fs::read(dir.path().join("metrics.jsonl")).expect("log");
+
+    let fresh = ["--output-dir", out, "--quiet", "--max-steps", "30"];
+    let output = run("train_mistral", &fresh);
+    assert_refused(
+        &output,
+        "--resume latest",
+        "a fresh run in a finished run's folder",
+    );
+    let stderr = text(&output.stderr);
+    for part in [
+        out,
+        "checkpoint-40, checkpoint-60",
+        "--overwrite-output-dir",
+    ] {
+        assert!(
+            stderr.contains(part),
+            "the error should name {part}: {stderr}"
+        );
+    }
+    assert!(
+        checkpoint_contents(dir.path()) == earlier,
+        "the earlier run's checkpoints changed"
+    );
+    assert_eq!(
+        std::fs::read(dir.path().join("metrics.jsonl")).expect("log"),
+        log
+    );
+
+    let mut over = fresh.to_vec();
+    over.push("--overwrite-output-dir");
+    let output = run("train_mistral", &over);
+    assert!(output.status.success(), "{}", text(&output.stderr));
+    let now = checkpoint_contents(dir.path());
+    let steps: Vec<i64> = now.iter().map(|c| c.0).collect();
+    assert_eq!(steps, [20, 30], "only the new run's checkpoints");
+    let earlier_id = earlier[0].1.run_id.clone().expect("run id");
+    for (step, state, _) in &now {
+        assert!(
+            state.run_id.is_some() && state.run_id != Some(earlier_id.clone()),
+            "checkpoint-{step} of run {:?}",
+            state.run_id
+        );
+    }
+    assert_eq!(now[0].1.run_id, now[1].1.run_id);
+    let (trained, evaluated) = logged_steps(dir.path());
+    assert_eq!(trained, (1..=30).collect::<Vec<_>>());
+    assert_eq!(
+        evaluated,
+        [0, 20, 30],
+        "one evaluation per step, one at step 0"
+    );
+}
+
+/// A second trainer process on a folder in use is refused, naming the holder's pid, before it
+/// writes anything; the lock dies with its holder, even one killed with SIGKILL.
+#[test]
+fn a_second_trainer_on_a_folder_in_use_is_refused_and_the_lock_dies_with_its_holder() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let out = dir.path().to_str().unwrap();
+    let flags = |steps: &'static str| {
+        let base = ["--output-dir", out, "--quiet", "--eval-every", "0"];
+        let rest = [
+            "--save-every",
+            "0",
+            "--resume",
+            "latest",
+            "--max-steps",
+            steps,
+        ];
+        [&base[..], &rest[..]].concat()
+    };
+    let mut holder = command("train_mistral", &flags("100000"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn");
+    // metrics.jsonl appears once the holder has the lock and its pid is written.
+    wait_for_file(
+        &dir.path().join("metrics.jsonl"),
+        &mut holder,
+        Duration::from_secs(120),
+    );
+    let output = run("train_mistral", &flags("2"));
+    let pid = format!("pid {}", holder.id());
+    send(&holder, libc::SIGKILL);
+    holder.wait().expect("wait");
+    assert_refused(&output, &pid, "a second trainer on a folder in use");
+    assert!(
+        text(&output.stderr).contains("in use"),
+        "{}",
+        text(&output.stderr)
+    );
+
+    let output = run("train_mistral", &flags("2"));
+    assert!(
+        output.status.success(),
+        "the lock died with its holder: {}",
+        text(&output.stderr)
+    );
+    let (trained, _) = logged_steps(dir.path());
+    assert_eq!(trained, [1, 2]);
 }
 
 /// Resuming on other data is refused (the data position belongs to other examples); a

@@ -9,7 +9,7 @@ use refa_loss::data::{
     parse_jsonl, read_jsonl, split_eval, tokenize_records, DataFormat, ScoreField, TokenizedExample,
 };
 use refa_loss::model::{
-    ChatMessage, ChatTemplate, ChatTokenizer, JinjaTemplate, CausalLm, ModelConfig, SaveOptions,
+    CausalLm, ChatMessage, ChatTemplate, ChatTokenizer, JinjaTemplate, ModelConfig, SaveOptions,
 };
 use refa_loss::scoring::ScoringConfig;
 use refa_loss::train::{CosineSchedule, Recompute, TrainConfig, Trainer};
@@ -44,10 +44,8 @@ fn sample_records() -> Vec<refa_loss::data::PreferenceRecord> {
 }
 
 fn tiny_config() -> ModelConfig {
-    ModelConfig::from_json(
-        &std::fs::read_to_string(data_file("tiny-config.json")).expect("config"),
-    )
-    .expect("config")
+    ModelConfig::from_json(&std::fs::read_to_string(data_file("tiny-config.json")).expect("config"))
+        .expect("config")
 }
 
 fn examples() -> Vec<TokenizedExample> {
@@ -95,6 +93,7 @@ fn config(output_dir: &Path, max_steps: i64) -> TrainConfig {
         scoring: ScoringConfig::new(2),
         pad_id: 2,
         share_prompts: false,
+        overwrite_output_dir: false,
     }
 }
 
@@ -507,9 +506,207 @@ fn a_stop_request_saves_a_checkpoint_and_exits() {
     assert_eq!(summary.steps, 3);
     let checkpoint = summary.last_checkpoint.expect("checkpoint");
     assert!(checkpoint.ends_with("checkpoint-3"));
+    drop(trainer); // its lock on the folder
     let mut resumed = sample_trainer(6, config(dir.path(), 20));
     resumed.resume(&checkpoint).expect("resume");
     assert_eq!(resumed.step(), 3);
+}
+
+/// Two trainers on one output folder would delete each other's checkpoints: the second one
+/// (in this process here, as in another) is refused naming the lock's holder, until the
+/// first is gone.
+#[test]
+fn a_second_trainer_on_a_folder_in_use_is_refused_until_the_first_is_dropped() {
+    let _rng = torch_rng();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let first = sample_trainer(1, config(dir.path(), 2));
+    let (train, eval) = split_eval(examples(), 0.125, 7).expect("split");
+    let err = Trainer::new(tiny_model(1), loss(), train, eval, config(dir.path(), 2)).unwrap_err();
+    let RefaError::OutputInUse { pid, path } = &err else {
+        panic!("expected OutputInUse, got {err}")
+    };
+    assert_eq!(*pid, Some(std::process::id()), "{err}");
+    assert_eq!(Path::new(path), dir.path(), "{err}");
+    assert!(
+        err.to_string()
+            .contains(&format!("pid {}", std::process::id())),
+        "{err}"
+    );
+    drop(first);
+    let mut second = sample_trainer(1, config(dir.path(), 2));
+    second.train_step().expect("the folder is free again");
+}
+
+/// `checkpoint-N` names of `folder`, by step.
+fn checkpoint_names(folder: &Path) -> Vec<String> {
+    let mut names: Vec<(i64, String)> = std::fs::read_dir(folder)
+        .expect("list")
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .filter_map(|n| Some((n.strip_prefix("checkpoint-")?.parse().ok()?, n.clone())))
+        .collect();
+    names.sort();
+    names.into_iter().map(|(_, n)| n).collect()
+}
+
+fn run_id(checkpoint: &Path) -> String {
+    refa_loss::train::TrainerState::read(checkpoint)
+        .expect("state")
+        .run_id
+        .expect("a run id")
+}
+
+/// A fresh run in a folder that holds another run's checkpoints is refused before its first
+/// step and leaves them as they were; told to start over, it removes them and leaves only its
+/// own checkpoints and log.
+#[test]
+fn a_fresh_run_where_another_run_is_refused_unless_it_starts_over() {
+    let _rng = torch_rng();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let mut earlier = sample_trainer(2, config(dir.path(), 2));
+    earlier.run(&AtomicBool::new(false), |_| {}).expect("run");
+    drop(earlier);
+    let earlier_id = run_id(&dir.path().join("checkpoint-2"));
+    let log = std::fs::read_to_string(dir.path().join("metrics.jsonl")).expect("log");
+
+    let mut fresh = sample_trainer(2, config(dir.path(), 1));
+    let err = fresh.run(&AtomicBool::new(false), |_| {}).unwrap_err();
+    let RefaError::OutputHasRun { found, .. } = &err else {
+        panic!("expected OutputHasRun, got {err}")
+    };
+    assert!(found.contains("checkpoint-2"), "{err}");
+    for offer in ["--resume latest", "--overwrite-output-dir"] {
+        assert!(err.to_string().contains(offer), "{err}");
+    }
+    assert_eq!(fresh.step(), 0);
+    drop(fresh);
+    assert_eq!(checkpoint_names(dir.path()), ["checkpoint-2"]);
+    assert_eq!(run_id(&dir.path().join("checkpoint-2")), earlier_id);
+    let unchanged = std::fs::read_to_string(dir.path().join("metrics.jsonl")).expect("log");
+    assert_eq!(unchanged, log);
+
+    let mut cfg = config(dir.path(), 1);
+    cfg.overwrite_output_dir = true;
+    let mut over = sample_trainer(2, cfg);
+    over.run(&AtomicBool::new(false), |_| {}).expect("run");
+    assert_eq!(checkpoint_names(dir.path()), ["checkpoint-1"]);
+    assert_ne!(run_id(&dir.path().join("checkpoint-1")), earlier_id);
+    let log = std::fs::read_to_string(dir.path().join("metrics.jsonl")).expect("log");
+    assert_eq!(log.lines().count(), 1, "only the new run's step: {log}");
+    let hidden: Vec<String> = std::fs::read_dir(dir.path())
+        .expect("list")
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .filter(|n| n.starts_with(".overwritten"))
+        .collect();
+    assert!(hidden.is_empty(), "{hidden:?}");
+}
+
+/// Pruning deletes only this run's older checkpoints: a run resumed into a folder that holds
+/// another run's higher-numbered checkpoints keeps its newest and leaves the other run's
+/// alone, and it refuses to replace one of them.
+#[test]
+fn pruning_deletes_only_this_runs_older_checkpoints() {
+    let _rng = torch_rng();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (start, shared) = (dir.path().join("start"), dir.path().join("shared"));
+    let mut first = sample_trainer(3, config(&start, 6));
+    first.train_step().expect("step");
+    let from = first.save_checkpoint().expect("save");
+    drop(first);
+    let mut other = sample_trainer(4, config(&shared, 6));
+    for step in 1..=5 {
+        other.train_step().expect("step");
+        if step >= 4 {
+            other.save_checkpoint().expect("save");
+        }
+    }
+    drop(other);
+    let other_id = run_id(&shared.join("checkpoint-4"));
+
+    let mut cfg = config(&shared, 6);
+    cfg.keep_checkpoints = 1;
+    let mut resumed = sample_trainer(3, cfg);
+    resumed.resume(&from).expect("resume");
+    for _ in 0..2 {
+        resumed.train_step().expect("step");
+        resumed.save_checkpoint().expect("save");
+    }
+    assert_eq!(
+        checkpoint_names(&shared),
+        ["checkpoint-3", "checkpoint-4", "checkpoint-5"],
+        "its own checkpoint-2 pruned, the newest kept, the other run's untouched"
+    );
+    assert_eq!(run_id(&shared.join("checkpoint-3")), run_id(&from));
+    assert_eq!(run_id(&shared.join("checkpoint-5")), other_id);
+    resumed.train_step().expect("step 4");
+    let err = resumed.save_checkpoint().unwrap_err();
+    assert!(err.to_string().contains("another run"), "{err}");
+    assert_eq!(run_id(&shared.join("checkpoint-4")), other_id);
+}
+
+/// A run resumed from a checkpoint while the log holds what the interrupted run logged after
+/// it: every training step and every evaluation appears once, the evaluation of the resumed
+/// step and of the last step included.
+#[test]
+fn a_resumed_run_logs_each_step_and_evaluation_once() {
+    let _rng = torch_rng();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let mut cfg = config(dir.path(), 4);
+    cfg.eval_every = 2;
+    cfg.save_every = 2;
+    let mut first = sample_trainer(5, cfg.clone());
+    first.evaluate().expect("evaluation before");
+    first.run(&AtomicBool::new(false), |_| {}).expect("run");
+    first.evaluate().expect("evaluation after");
+    drop(first);
+    // Continued from checkpoint-2 as the example does: evaluate, run, evaluate.
+    let mut resumed = sample_trainer(6, cfg);
+    resumed
+        .resume(dir.path().join("checkpoint-2"))
+        .expect("resume");
+    resumed.evaluate().expect("evaluation before");
+    resumed.run(&AtomicBool::new(false), |_| {}).expect("run");
+    resumed.evaluate().expect("evaluation after");
+    let log = std::fs::read_to_string(dir.path().join("metrics.jsonl")).expect("log");
+    let records: Vec<serde_json::Value> = log
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("a whole JSON line"))
+        .collect();
+    let steps = |evaluation: bool| -> Vec<i64> {
+        records
+            .iter()
+            .filter(|r| r.get("eval/loss").is_some() == evaluation)
+            .map(|r| r["step"].as_i64().expect("step"))
+            .collect()
+    };
+    assert_eq!(steps(false), [1, 2, 3, 4], "{log}");
+    assert_eq!(steps(true), [0, 2, 4], "{log}");
+}
+
+/// Every record is one `write(2)` to a file opened for appending: lines from two writers
+/// never split or interleave.
+#[test]
+fn metrics_records_from_two_writers_stay_whole() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = dir.path().join("metrics.jsonl");
+    let pad = "x".repeat(4000);
+    std::thread::scope(|scope| {
+        for writer in 0..2 {
+            let (path, pad) = (&path, &pad);
+            scope.spawn(move || {
+                let mut log = refa_loss::train::MetricsLog::open(path).expect("open");
+                for step in 0..300 {
+                    let line = serde_json::json!({ "step": step, "writer": writer, "pad": pad });
+                    log.write(&line.to_string()).expect("write");
+                }
+            });
+        }
+    });
+    let text = std::fs::read_to_string(&path).expect("log");
+    assert_eq!(text.lines().count(), 600);
+    for line in text.lines() {
+        let record: serde_json::Value = serde_json::from_str(line).expect("a whole record");
+        assert_eq!(record["pad"].as_str().map(str::len), Some(4000));
+    }
 }
 
 /// The streaming writer (one tensor on the host at a time) writes the same bytes as the
@@ -524,11 +721,9 @@ fn streaming_save_writes_byte_identical_files() {
     for kind in [Kind::Float, Kind::BFloat16] {
         let path = dir.path().join(format!("{kind:?}.safetensors"));
         refa_loss::model::write_safetensors(&path, &tensors, kind).expect("streamed");
-        let in_memory = refa_loss::model::safetensors_bytes(
-            tensors.iter().map(|(n, t)| (n.as_str(), t)),
-            kind,
-        )
-        .expect("in memory");
+        let in_memory =
+            refa_loss::model::safetensors_bytes(tensors.iter().map(|(n, t)| (n.as_str(), t)), kind)
+                .expect("in memory");
         assert_eq!(std::fs::read(&path).expect("read"), in_memory, "{kind:?}");
     }
 }

@@ -12,14 +12,18 @@ use crate::train::state::TrainerState;
 use crate::train::trainer::Trainer;
 
 impl Trainer {
-    /// Writes `checkpoint-{step}` (a Hugging Face checkpoint plus the trainer's state)
-    /// atomically, then deletes checkpoints beyond the newest `keep_checkpoints`.
+    /// Writes `checkpoint-{step}` (a Hugging Face checkpoint plus the trainer's state, with
+    /// this run's id) atomically, then deletes this run's older checkpoints beyond
+    /// `keep_checkpoints`; another run's checkpoints in the folder are never deleted, nor
+    /// replaced (a checkpoint of this step written by another run stops the save with an
+    /// error). Like [`run`](Self::run) it first makes the output folder this run's.
     ///
     /// In a data-parallel job every rank calls it: a rank whose optimizer state is its own
     /// (ZeRO-1) writes it to a hidden staging folder, all ranks wait for each other, rank 0
     /// moves the shards into the checkpoint it writes and renames it into place, and all
     /// wait again. A rank lost midway fails the others' wait, and no checkpoint appears.
-    pub fn save_checkpoint(&self) -> Result<PathBuf> {
+    pub fn save_checkpoint(&mut self) -> Result<PathBuf> {
+        self.claim_output()?;
         let folder = self.config.output_dir.join(checkpoint_name(self.step));
         let staging = self
             .config
@@ -72,7 +76,9 @@ impl Trainer {
             data_fingerprint: Some(self.data_fingerprint.clone()),
             max_steps: Some(self.config.max_steps),
             schedule: Some(self.config.schedule),
+            run_id: Some(self.run_id.clone()),
         };
+        self.check_not_another_runs(folder)?;
         // The optimizer state and adapters are streamed tensor by tensor like the weights.
         let tensors = |tensors| CheckpointFile::Tensors {
             tensors,
@@ -101,8 +107,26 @@ impl Trainer {
         let (names, contents): (Vec<String>, Vec<CheckpointFile>) = files.into_iter().unzip();
         let files = names.iter().map(String::as_str).zip(contents).collect();
         self.model.save_pretrained_with(folder, options, files)?;
-        self.prune_checkpoints()?;
+        self.prune_checkpoints(folder)?;
         Ok(folder.to_path_buf())
+    }
+
+    /// Refuses to replace `folder` when it is a checkpoint of another run (one whose state
+    /// names another run id; a checkpoint of this run, or one from before run ids, is
+    /// replaced as before).
+    fn check_not_another_runs(&self, folder: &Path) -> Result<()> {
+        let owner = TrainerState::read(folder).ok().and_then(|s| s.run_id);
+        match owner {
+            Some(owner) if owner != self.run_id => Err(RefaError::config(
+                folder,
+                format!(
+                    "a checkpoint of another run (run id {owner}; this run is {}): saving \
+                     would replace it; move it away or choose another output folder",
+                    self.run_id
+                ),
+            )),
+            _ => Ok(()),
+        }
     }
 
     /// Continues from a checkpoint written by [`save_checkpoint`](Self::save_checkpoint):
@@ -111,9 +135,10 @@ impl Trainer {
     ///
     /// A checkpoint of other training data (another fingerprint, or a position beyond this
     /// data) is refused. Returns notes on what this run changes: a learning-rate schedule or
-    /// a step count other than the checkpoint's. ([`run`](Self::run) then drops the records
-    /// of `metrics.jsonl` after the checkpoint's step: a killed run logged them, and they
-    /// are run again.)
+    /// a step count other than the checkpoint's. The run keeps the checkpoint's run id (its
+    /// earlier checkpoints stay subject to pruning), and its log drops the records of
+    /// `metrics.jsonl` after the checkpoint's step (a killed run logged them; they run
+    /// again) before the next record is written.
     pub fn resume(&mut self, folder: impl AsRef<Path>) -> Result<Vec<String>> {
         let folder = folder.as_ref();
         let state = TrainerState::read(folder)?;
@@ -140,6 +165,14 @@ impl Trainer {
         })?;
         self.step = state.step;
         self.order = DataOrder::resume(self.train.len(), state.seed, state.epoch, state.position);
+        if let Some(run_id) = &state.run_id {
+            self.run_id.clone_from(run_id);
+        }
+        self.resumed = true;
+        if self.output_claimed && self.is_main() {
+            // Settled already (an evaluation came first): drop the later records now.
+            self.log.truncate_after(self.step)?;
+        }
         Ok(self.schedule_notes(&state))
     }
 
@@ -232,15 +265,25 @@ impl Trainer {
         notes
     }
 
-    fn prune_checkpoints(&self) -> Result<()> {
+    /// Deletes this run's oldest checkpoints (by step) so that `keep_checkpoints` remain,
+    /// `written` among them whatever its step. Checkpoints of other runs (another run id in
+    /// their state, or none) are not counted and never deleted.
+    fn prune_checkpoints(&self, written: &Path) -> Result<()> {
         if !self.is_main() {
             return Ok(());
         }
-        let checkpoints = checkpoints(&self.config.output_dir);
-        let excess = checkpoints
-            .len()
-            .saturating_sub(self.config.keep_checkpoints.max(1));
-        for (_, path) in &checkpoints[..excess] {
+        let own: Vec<PathBuf> = checkpoints(&self.config.output_dir)
+            .into_iter()
+            .map(|(_, path)| path)
+            .filter(|path| path != written)
+            .filter(|path| {
+                let state = TrainerState::read(path).ok();
+                state.and_then(|s| s.run_id).as_deref() == Some(self.run_id.as_str())
+            })
+            .collect();
+        let keep_others = self.config.keep_checkpoints.max(1) - 1;
+        let excess = own.len().saturating_sub(keep_others);
+        for path in &own[..excess] {
             remove_folder_atomically(path)?;
         }
         Ok(())
@@ -259,7 +302,7 @@ pub fn latest_checkpoint(output_dir: &Path) -> Option<PathBuf> {
 
 /// The `checkpoint-{step}` folders of `output_dir`, oldest first (hidden staging and
 /// deletion folders do not count; an unreadable folder has none).
-fn checkpoints(output_dir: &Path) -> Vec<(i64, PathBuf)> {
+pub(super) fn checkpoints(output_dir: &Path) -> Vec<(i64, PathBuf)> {
     let Ok(entries) = std::fs::read_dir(output_dir) else {
         return Vec::new();
     };

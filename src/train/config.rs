@@ -34,7 +34,7 @@ pub struct TrainConfig {
     pub eval_every: i64,
     /// Save a checkpoint every this many steps (0: only at the end).
     pub save_every: i64,
-    /// Checkpoints to keep (older ones are deleted).
+    /// Checkpoints of this run to keep (its older ones are deleted; another run's never).
     pub keep_checkpoints: usize,
     /// Where checkpoints and `metrics.jsonl` go.
     pub output_dir: PathBuf,
@@ -54,6 +54,11 @@ pub struct TrainConfig {
     /// graph (`recompute` does not apply). Faster on the CPU, slower on a GPU (the mask rules
     /// out flash attention: 13 % slower on an H200, `docs/benchmarks.md`). Default false.
     pub share_prompts: bool,
+    /// Start over in an output folder that holds an earlier run: a fresh run (one not
+    /// resumed) deletes that run's checkpoints and `metrics.jsonl` before its first write,
+    /// where it would otherwise stop with [`RefaError::OutputHasRun`]. A resumed run
+    /// continues its own and ignores this. Default false (HF's `overwrite_output_dir`).
+    pub overwrite_output_dir: bool,
 }
 
 impl Default for TrainConfig {
@@ -61,7 +66,8 @@ impl Default for TrainConfig {
     /// steps, peak learning rate 1e-3 with 5 warm-up steps and cosine decay to 10 %
     /// (`schedule.total` follows `max_steps` only if set too), clipping at 1.0, no weight
     /// decay, evaluation and checkpoints every 20 steps keeping 2, `runs/refa`, seed 42,
-    /// `Recompute::Auto`, Mistral's EOS (2) as EOS and padding.
+    /// `Recompute::Auto`, Mistral's EOS (2) as EOS and padding, no prefix sharing, and an
+    /// output folder that must not hold another run.
     fn default() -> Self {
         TrainConfig {
             prompts_per_batch: 4,
@@ -84,6 +90,7 @@ impl Default for TrainConfig {
             scoring: ScoringConfig::new(2),
             pad_id: 2,
             share_prompts: false,
+            overwrite_output_dir: false,
         }
     }
 }

@@ -1,5 +1,6 @@
 //! What a training step reports, and the JSON-lines log it goes to.
 
+use std::collections::BTreeSet;
 use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::path::Path;
@@ -198,25 +199,40 @@ impl StepMetrics {
     }
 }
 
-/// Appends one JSON line per record to a file (the trainer's `metrics.jsonl`), flushed at once.
+/// Appends one JSON line per record to a file (the trainer's `metrics.jsonl`): each line in
+/// one `write(2)` to a file opened with `O_APPEND`, so the kernel places every line whole at
+/// the end, and no line is lost or split whatever else appends to the file.
 #[derive(Debug)]
 pub struct MetricsLog {
     file: File,
     path: std::path::PathBuf,
+    /// The steps the log holds an evaluation of.
+    evaluations: BTreeSet<i64>,
 }
 
 impl MetricsLog {
-    /// Opens (appending) `path`.
+    /// Opens (appending) `path`, noting the evaluations it already holds.
     pub fn open(path: &Path) -> Result<Self> {
         let file = OpenOptions::new()
             .create(true)
             .append(true)
             .open(path)
             .map_err(|e| RefaError::io(path, &e))?;
+        let text = std::fs::read(path).map_err(|e| RefaError::io(path, &e))?;
+        let evaluations = text
+            .split(|&b| b == b'\n')
+            .filter_map(evaluation_step)
+            .collect();
         Ok(MetricsLog {
             file,
             path: path.to_path_buf(),
+            evaluations,
         })
+    }
+
+    /// Whether the log holds an evaluation of `step`.
+    pub fn has_evaluation(&self, step: i64) -> bool {
+        self.evaluations.contains(&step)
     }
 
     /// Drops every record of a step after `step` (what a run killed after its last
@@ -253,10 +269,39 @@ impl MetricsLog {
         Ok(())
     }
 
-    /// Writes one line.
+    /// Appends `line` (one JSON record, without its newline) in a single `write(2)`.
     pub fn write(&mut self, line: &str) -> Result<()> {
-        writeln!(self.file, "{line}")
-            .and_then(|_| self.file.flush())
-            .map_err(|e| RefaError::io(&self.path, &e))
+        let mut record = Vec::with_capacity(line.len() + 1);
+        record.extend_from_slice(line.as_bytes());
+        record.push(b'\n');
+        let written = loop {
+            match self.file.write(&record) {
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                result => break result.map_err(|e| RefaError::io(&self.path, &e))?,
+            }
+        };
+        if written != record.len() {
+            return Err(RefaError::io(
+                &self.path,
+                &std::io::Error::new(
+                    std::io::ErrorKind::WriteZero,
+                    format!("{written} of a record's {} bytes written", record.len()),
+                ),
+            ));
+        }
+        if let Some(step) = evaluation_step(line.as_bytes()) {
+            self.evaluations.insert(step);
+        }
+        Ok(())
     }
+}
+
+/// The step of a record that is an evaluation (it has `eval/` keys).
+fn evaluation_step(line: &[u8]) -> Option<i64> {
+    let record: serde_json::Value = serde_json::from_slice(line).ok()?;
+    let object = record.as_object()?;
+    if !object.keys().any(|k| k.starts_with("eval/")) {
+        return None;
+    }
+    object.get("step")?.as_i64()
 }

@@ -11,6 +11,8 @@
 //! - `checkpoints.rs`: writing, pruning and resuming checkpoints ([`checkpoint_name`],
 //!   [`latest_checkpoint`], [`Trainer::save_checkpoint`], [`Trainer::resume`]), with the
 //!   optimizer shards of a data-parallel job;
+//! - `output.rs`: the run's ownership of its output folder: the lock, the run id, and what
+//!   a fresh run may find there;
 //! - `trainer.rs`: [`Trainer`], its step and its run loop;
 //! - `optimizer.rs`, `metrics.rs`, `state.rs`: [`AdamW`] and its schedule, the logged
 //!   metrics, and `trainer_state.json`;
@@ -25,6 +27,7 @@ mod data_parallel;
 mod fingerprint;
 mod metrics;
 mod optimizer;
+mod output;
 mod recompute;
 mod reference;
 mod state;
@@ -36,6 +39,7 @@ pub use config::TrainConfig;
 pub use data_parallel::{DataParallel, BUCKET_BYTES};
 pub use metrics::{Metric, MetricsLog, StepMetrics};
 pub use optimizer::{AdamW, CosineSchedule};
+pub use output::LOCK_FILE;
 pub use recompute::{activation_bytes, Recompute};
 pub use state::TrainerState;
 pub(crate) use trainer::score_batch;

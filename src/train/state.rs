@@ -9,8 +9,8 @@ use crate::train::optimizer::CosineSchedule;
 
 /// Where a run stands; with the weights and `optimizer.safetensors` it resumes exactly.
 ///
-/// The last four fields record what the position and the schedule depend on; checkpoints
-/// written before they existed read them as `None`.
+/// The last five fields record what the position and the schedule depend on and which run
+/// wrote the checkpoint; checkpoints written before they existed read them as `None`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct TrainerState {
     /// Optimizer steps done.
@@ -35,6 +35,10 @@ pub struct TrainerState {
     /// The learning-rate schedule the steps so far followed.
     #[serde(default)]
     pub schedule: Option<CosineSchedule>,
+    /// The run that wrote it: random when a run starts, kept when it is resumed. Pruning
+    /// deletes only checkpoints of the run that prunes.
+    #[serde(default)]
+    pub run_id: Option<String>,
 }
 
 impl TrainerState {

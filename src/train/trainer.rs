@@ -21,11 +21,12 @@ use crate::train::config::{check_examples_fit, probe_loss, TrainConfig};
 use crate::train::fingerprint::Fingerprint;
 use crate::train::metrics::{MetricsAccumulator, MetricsLog, StepMetrics};
 use crate::train::optimizer::AdamW;
+use crate::train::output::{lock_output, new_run_id, OutputLock, METRICS_FILE};
 use crate::train::recompute::resolve_recompute;
 use crate::train::reference::ReferenceCache;
 
 #[cfg(feature = "distributed")]
-use crate::train::data_parallel::DataParallel;
+pub(super) use crate::train::data_parallel::DataParallel;
 
 /// Without the feature `distributed` no trainer is data-parallel: an uninhabited type keeps
 /// the code paths of [`Trainer`] the same in both builds.
@@ -90,6 +91,14 @@ pub struct Trainer {
     pub(super) recompute: bool,
     /// The job this trainer is a rank of (feature `distributed`).
     pub(super) parallel: Option<DataParallel>,
+    /// This run's id, in its checkpoints (a resumed run keeps its checkpoint's).
+    pub(super) run_id: String,
+    /// The output folder's lock (held by the process that writes there), released on drop.
+    pub(super) _lock: Option<OutputLock>,
+    /// [`resume`](Self::resume) was called: the run continues the one of its checkpoint.
+    pub(super) resumed: bool,
+    /// The output folder is settled as this run's (`claim_output`).
+    pub(super) output_claimed: bool,
 }
 
 impl std::fmt::Debug for Trainer {
@@ -133,6 +142,10 @@ impl Trainer {
     /// example). Losses that need a reference score every example once with the starting
     /// model here (cached in `reference_logps.json` in the output folder, with a fingerprint
     /// of the data and the weights: a cache from other data or another model is rebuilt).
+    ///
+    /// The trainer locks its output folder for its lifetime, before writing anything there:
+    /// a second trainer on the folder, in this process or another, stops with
+    /// [`RefaError::OutputInUse`] naming the holder's pid. The lock dies with the process.
     pub fn new(
         model: CausalLm,
         loss: Box<dyn PreferenceLoss>,
@@ -186,6 +199,8 @@ impl Trainer {
         let data_fingerprint = Fingerprint::default().examples(&train).hex();
         std::fs::create_dir_all(&config.output_dir)
             .map_err(|e| RefaError::io(&config.output_dir, &e))?;
+        // Before anything is written there: a second trainer on the folder stops here.
+        let lock = lock_output(&config.output_dir, parallel.as_ref())?;
         let named = match &parallel {
             #[cfg(feature = "distributed")]
             Some(parallel) => parallel.optimized_parameters(),
@@ -196,7 +211,7 @@ impl Trainer {
         let mut optimizer = AdamW::new(named);
         let recompute = resolve_recompute(&model, &train, &config);
         optimizer.weight_decay = config.weight_decay;
-        let log = MetricsLog::open(&config.output_dir.join("metrics.jsonl"))?;
+        let log = MetricsLog::open(&config.output_dir.join(METRICS_FILE))?;
         let order = DataOrder::new(train.len(), config.seed);
         let mut trainer = Trainer {
             model,
@@ -213,6 +228,10 @@ impl Trainer {
             data_fingerprint,
             recompute,
             parallel,
+            run_id: new_run_id(),
+            _lock: lock,
+            resumed: false,
+            output_claimed: false,
         };
         if trainer.loss.needs_reference() {
             trainer.reference = Some(trainer.load_or_score_reference()?);
@@ -251,6 +270,7 @@ impl Trainer {
     /// step's time is taken. A non-finite norm is reported as an error; weights and moments
     /// are then unchanged.
     pub fn train_step(&mut self) -> Result<StepMetrics> {
+        self.claim_output()?;
         let start = Instant::now();
         let step = self.step + 1;
         // Dropout draws are a function of the step, so a resumed run draws the same masks.
@@ -415,8 +435,12 @@ impl Trainer {
         )
     }
 
-    /// Loss and metrics on the held-out examples, without gradients.
+    /// Loss and metrics on the held-out examples, without gradients. The log holds one
+    /// evaluation per step: evaluating again at a step it already holds (after a resumption,
+    /// or at the end of a run that evaluated at its last step) writes nothing new. In a
+    /// data-parallel job every rank calls it.
     pub fn evaluate(&mut self) -> Result<StepMetrics> {
+        self.claim_output()?;
         let mut accumulator = MetricsAccumulator::default();
         let indices: Vec<usize> = (0..self.eval.len()).collect();
         for chunk in indices.chunks(self.config.prompts_per_batch.max(1)) {
@@ -433,7 +457,9 @@ impl Trainer {
             accumulator.add(&summary, batch.mean_response_length);
         }
         let metrics = accumulator.finish(self.step);
-        self.write_log(&metrics.to_json("eval/"))?;
+        if !self.log.has_evaluation(self.step) {
+            self.write_log(&metrics.to_json("eval/"))?;
+        }
         Ok(metrics)
     }
 
@@ -441,16 +467,19 @@ impl Trainer {
     /// checkpoint) when `stop` turns true. A non-finite loss or gradient stops the run with
     /// an error that names the step; the checkpoints written before it stay untouched.
     /// `on_step` sees every step's metrics (for a progress bar).
+    ///
+    /// Before the first step the output folder becomes this run's: a fresh run where another
+    /// run's checkpoints or metrics are stops with [`RefaError::OutputHasRun`] (or removes
+    /// them, with [`TrainConfig::overwrite_output_dir`]); a resumed run's log loses the
+    /// records of the steps after its checkpoint, which run again. The first
+    /// [`evaluate`](Self::evaluate), [`train_step`](Self::train_step) or
+    /// [`save_checkpoint`](Self::save_checkpoint) does the same.
     pub fn run(
         &mut self,
         stop: &AtomicBool,
         mut on_step: impl FnMut(&StepMetrics),
     ) -> Result<RunSummary> {
-        // The log keeps the history up to where this run starts: a fresh run drops an earlier
-        // run's steps, a resumed one the steps logged after its checkpoint (a killed run's).
-        if self.is_main() {
-            self.log.truncate_after(self.step)?;
-        }
+        self.claim_output()?;
         let mut summary = RunSummary {
             steps: self.step,
             history: Vec::new(),
@@ -489,7 +518,7 @@ impl Trainer {
 
     /// Whether any rank says so (a stop request seen by one rank stops every rank at the
     /// same step, so that no rank waits in a collective the others never join).
-    fn agree(&self, flag: bool) -> Result<bool> {
+    pub(super) fn agree(&self, flag: bool) -> Result<bool> {
         match &self.parallel {
             Some(parallel) => parallel.any(flag),
             None => Ok(flag),
