@@ -170,4 +170,64 @@ char* refa_reset_peak_memory(int index) {
   });
 }
 
+// Variable-length attention over packed sequences with libtorch's FlashAttention-2 kernel
+// (at::_flash_attention_forward with cumulative lengths). Called through the dispatcher, so
+// autograd records FlashAttentionBackward0 (libtorch 2.11: torch/csrc/autograd/generated/
+// Functions.h; it saves the cumulative lengths, the window and the logsumexp and calls
+// at::_flash_attention_backward): the returned tensor back-propagates from Rust like any
+// other, and no backward is bound here.
+//
+// q: [total_q, heads, d]; k, v: [total_k, kv_heads, d], heads a multiple of kv_heads (the
+//   kernel shares each key/value head among its query heads in place); CUDA, bf16 or f16,
+//   d a multiple of 8 and at most 256; the last dimension contiguous (made so if not).
+// cum_q, cum_k: int32 [S + 1] on q's device, the cumulative lengths of the S query and key
+//   sequences (sequence s: queries cum_q[s]..cum_q[s+1], keys cum_k[s]..cum_k[s+1]); key
+//   sequences may be longer than their query sequences (a prompt's keys before a response's).
+// max_q, max_k: the longest query and key sequence.
+// causal != 0: query i of a sequence of len_q queries and len_k keys sees keys up to
+//   i + len_k - len_q (the mask aligned to the end, FlashAttention-2's convention).
+// scale: the factor on q·kᵀ; 0 or less for 1/sqrt(d).
+// window_left: >= 0: a query also sees no key more than window_left positions before it
+//   (a sliding window of window_left + 1 keys, itself included); -1: no window.
+// *out receives a new tensor [total_q, heads, d] (owned by the caller).
+char* refa_flash_attention_varlen(at::Tensor* q, at::Tensor* k, at::Tensor* v,
+                                  at::Tensor* cum_q, at::Tensor* cum_k, int64_t max_q,
+                                  int64_t max_k, int causal, double scale, int64_t window_left,
+                                  at::Tensor** out) {
+  return guarded([&] {
+    for (const at::Tensor* t : {q, k, v, cum_q, cum_k}) {
+      TORCH_CHECK(t->is_cuda(),
+                  "refa_flash_attention_varlen: the variable-length flash kernel runs on CUDA "
+                  "only, got a tensor on ", t->device(),
+                  " (the packed layout's block-diagonal path serves other devices)");
+    }
+    const auto kind = q->scalar_type();
+    TORCH_CHECK(kind == at::kBFloat16 || kind == at::kHalf,
+                "refa_flash_attention_varlen: the flash kernel takes bf16 or f16, got ", kind,
+                " (the block-diagonal path serves f32)");
+    TORCH_CHECK(q->dim() == 3 && k->dim() == 3 && v->dim() == 3,
+                "refa_flash_attention_varlen: q, k, v must be [tokens, heads, head_dim], got ",
+                q->sizes(), ", ", k->sizes(), ", ", v->sizes());
+    TORCH_CHECK(cum_q->scalar_type() == at::kInt && cum_k->scalar_type() == at::kInt &&
+                    cum_q->numel() == cum_k->numel() && cum_q->numel() >= 2,
+                "refa_flash_attention_varlen: cum_q and cum_k must be int32 [S + 1] with S >= 1");
+    auto last_contiguous = [](const at::Tensor& t) {
+      return t.stride(-1) == 1 ? t : t.contiguous();
+    };
+    std::optional<double> softmax_scale;
+    if (scale > 0.0) {
+      softmax_scale = scale;
+    }
+    std::optional<int64_t> left;
+    if (window_left >= 0) {
+      left = window_left;
+    }
+    auto result = at::_flash_attention_forward(
+        last_contiguous(*q), last_contiguous(*k), last_contiguous(*v), *cum_q, *cum_k, max_q,
+        max_k, /*dropout_p=*/0.0, /*is_causal=*/causal != 0, /*return_debug_mask=*/false,
+        softmax_scale, left, /*window_size_right=*/std::nullopt);
+    *out = new at::Tensor(std::get<0>(result));
+  });
+}
+
 }  // extern "C"

@@ -4,7 +4,8 @@
 //! [`RefaError::Torch`] (every C++ exception is caught on the C++ side). Tensors cross as
 //! tch's `C_tensor` pointers, which are `at::Tensor*`. Nothing here is public: the crate's
 //! safe wrappers are `adamw_step` and `clip_grad_norm` (feature `trainer`, the only user),
-//! [`memory_stats`] and [`pin_memory`].
+//! [`memory_stats`], [`pin_memory`] and [`flash_attention_varlen`] (the packed layout's
+//! attention on CUDA).
 
 #![cfg_attr(feature = "doc-only", allow(unused_imports, dead_code))]
 
@@ -45,6 +46,21 @@ extern "C" {
     fn refa_memory_stats(index: c_int, out: *mut i64, available: *mut c_int) -> *mut c_char;
     fn refa_pin_memory(host: *mut C_tensor, out: *mut *mut C_tensor) -> *mut c_char;
     fn refa_reset_peak_memory(index: c_int) -> *mut c_char;
+    #[cfg(feature = "model")]
+    #[allow(clippy::too_many_arguments)]
+    fn refa_flash_attention_varlen(
+        q: *mut C_tensor,
+        k: *mut C_tensor,
+        v: *mut C_tensor,
+        cum_q: *mut C_tensor,
+        cum_k: *mut C_tensor,
+        max_q: i64,
+        max_k: i64,
+        causal: c_int,
+        scale: f64,
+        window_left: i64,
+        out: *mut *mut C_tensor,
+    ) -> *mut c_char;
 }
 
 /// Turns a returned message into an error, freeing it.
@@ -177,6 +193,38 @@ pub(crate) fn reset_peak_memory(index: usize) -> Result<()> {
     check(unsafe { refa_reset_peak_memory(index as c_int) })
 }
 
+/// Variable-length flash attention (`at::_flash_attention_forward`): `[total_q, heads, d]`
+/// from `q` `[total_q, heads, d]` and `k`, `v` `[total_k, kv_heads, d]`; differentiable
+/// through libtorch's autograd. CUDA, bf16/f16 only: anything else is a [`RefaError::Torch`]
+/// naming the problem.
+#[cfg(all(feature = "model", not(feature = "doc-only")))]
+pub(crate) fn flash_attention_varlen(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    args: &crate::model::VarlenArgs<'_>,
+) -> Result<Tensor> {
+    let mut out: *mut C_tensor = std::ptr::null_mut();
+    // SAFETY: live tensors borrowed for the call; on success `out` is a new `at::Tensor*`
+    // the returned tch Tensor owns (allocated with `new`, as tch's own).
+    check(unsafe {
+        refa_flash_attention_varlen(
+            pointer(q),
+            pointer(k),
+            pointer(v),
+            pointer(args.cum_q),
+            pointer(args.cum_k),
+            args.max_q,
+            args.max_k,
+            c_int::from(args.causal),
+            args.scale.unwrap_or(0.0),
+            args.window_left.unwrap_or(-1),
+            &mut out,
+        )
+    })?;
+    Ok(unsafe { Tensor::from_ptr(out) })
+}
+
 // Documentation builds link nothing: the same functions, answering with an error.
 #[cfg(feature = "doc-only")]
 mod unlinked {
@@ -203,6 +251,15 @@ mod unlinked {
         unavailable()
     }
     pub(crate) fn pin_memory(_: &Tensor) -> Result<Tensor> {
+        unavailable()
+    }
+    #[cfg(feature = "model")]
+    pub(crate) fn flash_attention_varlen(
+        _: &Tensor,
+        _: &Tensor,
+        _: &Tensor,
+        _: &crate::model::VarlenArgs<'_>,
+    ) -> Result<Tensor> {
         unavailable()
     }
     #[cfg(feature = "distributed")]

@@ -11,6 +11,7 @@ use crate::model::checkpoint::{write_checkpoint, CheckpointFile, CheckpointReade
 use crate::model::layers::{self, attend, LayerMask, Norm, Scoring};
 use crate::model::lora::{Linear, LoraConfig, LoraTarget};
 use crate::model::names;
+use crate::model::packed::PackedAttention;
 use crate::model::rope::{apply_rotary, Rotary};
 use crate::model::{Activation, ModelConfig};
 
@@ -268,13 +269,14 @@ impl CausalLm {
         x: Tensor,
         context: &AttentionContext,
         train: bool,
-    ) -> Tensor {
+    ) -> Result<Tensor> {
         let seeds = layer_seeds(self.layers.len(), train);
-        let x = self.layers.iter().zip(seeds).fold(x, |x, (layer, seed)| {
+        let mut x = x;
+        for (layer, seed) in self.layers.iter().zip(seeds) {
             seed_dropout(seed);
-            layer.forward(&x, context, train)
-        });
-        self.final_norm(&x)
+            x = layer.forward(&x, context, train)?;
+        }
+        Ok(self.final_norm(&x))
     }
 
     /// Logits `[N, T, V]` from hidden states (materializes `N·T·V` values: prefer the
@@ -464,7 +466,7 @@ impl ForwardOptions {
 }
 
 /// What every layer of one forward pass shares: the rotary tables and the masks of full
-/// and of sliding layers.
+/// and of sliding layers, or, for a packed row, its segments.
 #[derive(Debug)]
 pub(crate) struct AttentionContext {
     pub cos: Tensor,
@@ -474,6 +476,8 @@ pub(crate) struct AttentionContext {
     /// Sliding layers (the same as `full` when no layer slides).
     pub sliding: LayerMask,
     pub config: ModelConfig,
+    /// A packed row's attention (then `full` and `sliding` are unused).
+    pub packed: Option<PackedAttention>,
 }
 
 impl AttentionContext {
@@ -495,6 +499,24 @@ impl AttentionContext {
             full,
             sliding,
             config: config.clone(),
+            packed: None,
+        }
+    }
+
+    /// The context of a packed row: rotary tables `[total, rotary_dim]` gathered at each
+    /// token's position, and the row's attention plan.
+    pub fn packed(cos: Tensor, sin: Tensor, config: &ModelConfig, plan: PackedAttention) -> Self {
+        let unused = || LayerMask {
+            mask: None,
+            causal: true,
+        };
+        AttentionContext {
+            cos,
+            sin,
+            full: unused(),
+            sliding: unused(),
+            config: config.clone(),
+            packed: Some(plan),
         }
     }
 
@@ -592,13 +614,28 @@ impl DecoderLayer {
         ]
     }
 
-    /// `x + attn(norm(x))`, then `+ mlp(norm(·))` (Gemma 2: each branch's output normed too).
-    pub(crate) fn forward(&self, x: &Tensor, context: &AttentionContext, train: bool) -> Tensor {
-        self.forward_cached(x, context, train, None)
+    /// `x + attn(norm(x))`, then `+ mlp(norm(·))` (Gemma 2: each branch's output normed too),
+    /// for a padded batch or a packed row (whose flash kernel can fail, hence the `Result`).
+    pub(crate) fn forward(
+        &self,
+        x: &Tensor,
+        context: &AttentionContext,
+        train: bool,
+    ) -> Result<Tensor> {
+        let normed = self.input_norm.forward(x, context.config.rms_norm_eps);
+        let attended = match &context.packed {
+            Some(plan) => {
+                let (q, k, v) = self.projections(&normed, context, train);
+                let out = plan.attend(&q, &k, &v, self.window, self.scoring(context))?;
+                self.o.forward(&out, train)
+            }
+            None => self.attention(&normed, context, train, None),
+        };
+        Ok(self.residual_and_mlp(x, attended, context, train))
     }
 
-    /// [`forward`](Self::forward) for new positions whose predecessors' keys and values are
-    /// in `cache` (which receives the new ones).
+    /// [`forward`](Self::forward) for new positions of a padded batch whose predecessors'
+    /// keys and values are in `cache` (which receives the new ones).
     pub(crate) fn forward_cached(
         &self,
         x: &Tensor,
@@ -608,6 +645,18 @@ impl DecoderLayer {
     ) -> Tensor {
         let eps = context.config.rms_norm_eps;
         let attended = self.attention(&self.input_norm.forward(x, eps), context, train, cache);
+        self.residual_and_mlp(x, attended, context, train)
+    }
+
+    /// The residual connections around the attention output `attended` and the MLP.
+    fn residual_and_mlp(
+        &self,
+        x: &Tensor,
+        attended: Tensor,
+        context: &AttentionContext,
+        train: bool,
+    ) -> Tensor {
+        let eps = context.config.rms_norm_eps;
         let Some((pre_mlp, post_mlp)) = &self.feedforward_norms else {
             let x = x + attended;
             let mlp = self.mlp(&self.post_attention_norm.forward(&x, eps), context, train);
@@ -629,6 +678,15 @@ impl DecoderLayer {
         self.down.forward(&(activated * self.up.forward(x, train)), train)
     }
 
+    /// How this model forms attention scores.
+    fn scoring(&self, context: &AttentionContext) -> Scoring {
+        Scoring {
+            scale: context.config.switches.query_scale,
+            softcap: context.config.switches.attention_softcap,
+        }
+    }
+
+    /// Attention of a padded batch (with the cached keys and values before the new ones).
     fn attention(
         &self,
         x: &Tensor,
@@ -636,6 +694,33 @@ impl DecoderLayer {
         train: bool,
         cache: Option<&mut LayerCache>,
     ) -> Tensor {
+        let c = &context.config;
+        let (n, t) = (x.size()[0], x.size()[1]);
+        let (heads, d) = (c.num_attention_heads, c.head_width());
+        let (q, mut k, mut v) = self.projections(x, context, train);
+        if let Some(cache) = cache {
+            let extend = |old: &Option<Tensor>, new: &Tensor| match old {
+                Some(old) => Tensor::cat(&[old, new], 2),
+                None => new.shallow_clone(),
+            };
+            (k, v) = (extend(&cache.keys, &k), extend(&cache.values, &v));
+            (cache.keys, cache.values) = (Some(k.shallow_clone()), Some(v.shallow_clone()));
+        }
+        let out = attend(&q, &k, &v, context.mask_for(self.window), self.scoring(context));
+        self.o.forward(
+            &out.transpose(1, 2).contiguous().view([n, t, heads * d]),
+            train,
+        )
+    }
+
+    /// Queries `[N, heads, t, d]`, keys and values `[N, kv_heads, t, d]` of `x` `[N, t, H]`:
+    /// projected, q/k-normed where the family norms them, rotated by the context's tables.
+    fn projections(
+        &self,
+        x: &Tensor,
+        context: &AttentionContext,
+        train: bool,
+    ) -> (Tensor, Tensor, Tensor) {
         let c = &context.config;
         let (n, t) = (x.size()[0], x.size()[1]);
         let (heads, kv, d) = (c.num_attention_heads, c.kv_heads(), c.head_width());
@@ -653,24 +738,8 @@ impl DecoderLayer {
             None => (None, None),
         };
         let q = split(self.q.forward(x, train), heads, q_norm);
-        let mut k = split(self.k.forward(x, train), kv, k_norm);
-        let mut v = self.v.forward(x, train).view([n, t, kv, d]).transpose(1, 2);
-        if let Some(cache) = cache {
-            let extend = |old: &Option<Tensor>, new: &Tensor| match old {
-                Some(old) => Tensor::cat(&[old, new], 2),
-                None => new.shallow_clone(),
-            };
-            (k, v) = (extend(&cache.keys, &k), extend(&cache.values, &v));
-            (cache.keys, cache.values) = (Some(k.shallow_clone()), Some(v.shallow_clone()));
-        }
-        let scoring = Scoring {
-            scale: c.switches.query_scale,
-            softcap: c.switches.attention_softcap,
-        };
-        let out = attend(&q, &k, &v, context.mask_for(self.window), scoring);
-        self.o.forward(
-            &out.transpose(1, 2).contiguous().view([n, t, heads * d]),
-            train,
-        )
+        let k = split(self.k.forward(x, train), kv, k_norm);
+        let v = self.v.forward(x, train).view([n, t, kv, d]).transpose(1, 2);
+        (q, k, v)
     }
 }

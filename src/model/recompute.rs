@@ -7,7 +7,7 @@ use crate::error::Result;
 use crate::model::causal_lm::{layer_seeds, seed_dropout, AttentionContext, ForwardOptions};
 use crate::model::CausalLm;
 
-/// The result of [`CausalLm::forward_pass`]: the hidden states, and what the backward pass
+/// The result of [`CausalLm::forward_pass`] (or [`CausalLm::forward_packed`]): the hidden states, and what the backward pass
 /// needs to finish when layers were not kept in the autograd graph.
 ///
 /// Usage: compute the loss from `hidden` and back-propagate it (e.g. with
@@ -15,7 +15,7 @@ use crate::model::CausalLm;
 /// [`finish_backward`](Self::finish_backward). Without recomputation that call does nothing.
 #[derive(Debug)]
 pub struct ForwardPass {
-    /// `[N, T, H]` hidden states after the final norm.
+    /// `[N, T, H]` hidden states after the final norm (`[1, total, H]` for a packed row).
     pub hidden: Tensor,
     recompute: Option<Recompute>,
 }
@@ -46,24 +46,37 @@ impl CausalLm {
         attention_mask: &Tensor,
         options: &ForwardOptions,
     ) -> Result<ForwardPass> {
-        let train = options.train;
         let (embedded, context) = self.embed(input_ids, attention_mask, options.padding)?;
+        self.run_layers(embedded, context, options)
+    }
+
+    /// The decoder layers and the final norm over `embedded` (a padded batch or a packed
+    /// row, as `context` says), keeping the layers in the graph or, with
+    /// `options.recompute`, only their inputs.
+    pub(crate) fn run_layers(
+        &self,
+        embedded: Tensor,
+        context: AttentionContext,
+        options: &ForwardOptions,
+    ) -> Result<ForwardPass> {
+        let train = options.train;
         if !options.recompute {
             return Ok(ForwardPass {
-                hidden: self.forward_layers(embedded, &context, train),
+                hidden: self.forward_layers(embedded, &context, train)?,
                 recompute: None,
             });
         }
         let seeds = layer_seeds(self.decoder_layers().len(), train);
         let mut inputs = Vec::with_capacity(seeds.len());
         let mut x = embedded.detach();
-        tch::no_grad(|| {
+        tch::no_grad(|| -> Result<()> {
             for (layer, seed) in self.decoder_layers().zip(&seeds) {
                 inputs.push(x.shallow_clone());
                 seed_dropout(*seed);
-                x = layer.forward(&x, &context, train);
+                x = layer.forward(&x, &context, train)?;
             }
-        });
+            Ok(())
+        })?;
         let last = x.set_requires_grad(true);
         let hidden = self.final_norm(&last);
         let recompute = Recompute {
@@ -97,7 +110,7 @@ impl ForwardPass {
         for ((layer, input), seed) in layers.iter().zip(&r.inputs).zip(&r.seeds).rev() {
             let input = input.detach().set_requires_grad(true);
             seed_dropout(*seed);
-            let output = layer.forward(&input, &r.context, r.train);
+            let output = layer.forward(&input, &r.context, r.train)?;
             (output * &grad).sum(Kind::Float).f_backward()?;
             grad = input.grad();
         }
