@@ -19,7 +19,7 @@ use std::path::PathBuf;
 use common::CheckpointArgs;
 
 use clap::Parser;
-use refa_loss::model::GenerationOptions;
+use refa_loss::model::{GenerationOptions, SampleOptions};
 
 #[derive(Parser, Debug)]
 #[command(about = "Generate answers with a checkpoint, in AlpacaEval's model_outputs.json format")]
@@ -35,16 +35,17 @@ struct Args {
     /// The `generator` name written with each output (default: the checkpoint folder's name).
     #[arg(long)]
     generator: Option<String>,
-    /// Most new tokens per answer.
+    /// Most new tokens per answer (fewer where the prompt and the answer would pass the
+    /// model's context, max_position_embeddings: a warning names each such prompt).
     #[arg(long, default_value_t = 256)]
     max_new_tokens: usize,
-    /// 0 for greedy decoding, else the sampling temperature.
+    /// 0 for greedy decoding, else the sampling temperature (below 1e-5: greedy).
     #[arg(long, default_value_t = 0.0)]
     temperature: f64,
     /// Nucleus sampling threshold.
     #[arg(long, default_value_t = 1.0)]
     top_p: f64,
-    /// Sampling seed.
+    /// Sampling seed (each answer's draws depend on it and on its prompt only).
     #[arg(long, default_value_t = 0)]
     seed: i64,
     /// Only the first N prompts.
@@ -63,6 +64,7 @@ fn run(args: Args) -> anyhow::Result<()> {
         temperature: args.temperature,
         top_p: args.top_p,
         seed: args.seed,
+        ..GenerationOptions::default()
     };
     options.validate()?;
     let mut prompts = read_prompts(&args)?;
@@ -78,18 +80,24 @@ fn run(args: Args) -> anyhow::Result<()> {
             .map(|n| n.to_string_lossy().to_string())
             .unwrap_or_else(|| "refa-loss".into())
     });
+    let ids = prompts
+        .iter()
+        .map(|prompt| tokenizer.encode_prompt(prompt))
+        .collect::<refa_loss::Result<Vec<_>>>()?;
+    // Answers end at the template's end of turn as well as at the config's EOS ids.
+    let generation = GenerationOptions {
+        stop_token_id: Some(tokenizer.end_of_turn_id()),
+        ..options
+    };
+    let samples = model.sample(&ids, &SampleOptions::new(1, generation))?;
+    for clamp in &samples.clamped {
+        eprintln!("warning: {clamp}");
+    }
     let mut outputs = Vec::with_capacity(prompts.len());
     let mut lengths = Vec::with_capacity(prompts.len());
-    for (i, prompt) in prompts.iter().enumerate() {
-        let ids = tokenizer.encode_prompt(prompt)?;
-        let new = model.generate(
-            &ids,
-            &GenerationOptions {
-                seed: options.seed + i as i64,
-                ..options
-            },
-        )?;
-        let text = tokenizer.decode(&new)?;
+    for (prompt, answers) in prompts.iter().zip(&samples.completions) {
+        let new = answers.first().map(|a| a.tokens.as_slice()).unwrap_or_default();
+        let text = tokenizer.decode(new)?;
         lengths.push(text.chars().count());
         outputs.push(
             serde_json::json!({ "instruction": prompt, "output": text, "generator": generator }),

@@ -25,6 +25,7 @@
 mod causal_lm;
 mod checkpoint;
 mod config;
+mod decoding;
 mod family;
 mod generate;
 mod jinja;
@@ -35,6 +36,7 @@ mod packed;
 mod prefix;
 mod recompute;
 mod rope;
+mod sampler;
 mod tokenizer;
 
 pub use checkpoint::{
@@ -44,7 +46,10 @@ pub use checkpoint::{
 pub use config::ModelConfig;
 pub use family::{Activation, Family, Switches};
 pub use rope::{Rope, RopeScaling};
-pub use generate::GenerationOptions;
+pub use generate::{
+    Completion, ContextClamp, GenerationOptions, SampleOptions, Samples, StopReason,
+    GREEDY_BELOW_TEMPERATURE,
+};
 pub use jinja::{parse_template_kwarg, ChatMessage, JinjaTemplate, TemplateKwargs};
 pub use lora::{LoraConfig, LoraTarget};
 pub use causal_lm::{ForwardOptions, CausalLm, Padding};
