@@ -827,3 +827,426 @@ fn io_and_libtorch_errors_keep_their_source() {
     assert!(torch.source().is_some(), "{torch}");
     assert_eq!(torch.clone(), torch, "still Clone and PartialEq");
 }
+
+/// The data readers (feature `trainer`): a malformed file, line, record or field stops the
+/// read with an error that names the file, the line (or row) and the field, and says what to
+/// do; what a common writer produces (a byte-order mark, a JSON array of records, repeated
+/// parquet rows) is read.
+#[cfg(feature = "trainer")]
+mod data {
+    use std::path::Path;
+
+    use refa_loss::data::{
+        parse_jsonl, parse_jsonl_bytes, read_dataset, DataFormat, PreferenceRecord, ReadReport,
+        ScoreField,
+    };
+    use refa_loss::RefaError;
+
+    const SIMPLE: &str = r#"{"prompt": "Why?", "responses": [{"text": "Because.", "score": 1.5}, {"text": "No idea.", "score": 0.0}]}"#;
+    const MULTI: &str = r#"{"prompt": "2 + 2?", "all_generated_responses": ["4", "5"], "all_rm_scores": [0.9, -1.2]}"#;
+
+    fn read(bytes: &[u8], skip: bool) -> refa_loss::Result<ReadReport> {
+        parse_jsonl_bytes(
+            bytes,
+            "d.jsonl",
+            DataFormat::Auto,
+            ScoreField::Overall,
+            skip,
+        )
+    }
+
+    fn records(text: &str) -> Vec<PreferenceRecord> {
+        read(text.as_bytes(), false).expect("reads").records
+    }
+
+    /// The line and message of the [`RefaError::Data`] reading `bytes` ends in.
+    fn data_error(bytes: &[u8]) -> (usize, String) {
+        match read(bytes, false) {
+            Err(RefaError::Data {
+                path,
+                line,
+                message,
+            }) => {
+                assert_eq!(path, "d.jsonl");
+                (line, message)
+            }
+            other => panic!("expected a data error, got {other:?}"),
+        }
+    }
+
+    /// The message of the [`RefaError::Config`] reading `bytes` ends in.
+    fn file_error(bytes: &[u8]) -> String {
+        match read(bytes, false) {
+            Err(err @ RefaError::Config { .. }) => {
+                assert!(err.to_string().starts_with("d.jsonl: "), "{err}");
+                err.to_string()
+            }
+            other => panic!("expected a file error, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_byte_order_mark_is_ignored_at_the_start_of_a_file_or_a_line() {
+        let plain = records(&format!("{SIMPLE}\n{MULTI}\n"));
+        assert_eq!(plain.len(), 2);
+        assert_eq!(records(&format!("\u{feff}{SIMPLE}\r\n{MULTI}\r\n")), plain);
+        // Files concatenated with `cat`, the second with its own mark.
+        assert_eq!(records(&format!("{SIMPLE}\n\u{feff}{MULTI}\n")), plain);
+        assert_eq!(records(&format!("\u{feff}[{SIMPLE},\n{MULTI}]")), plain);
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("bom.jsonl");
+        std::fs::write(&path, format!("\u{feff}{SIMPLE}\n")).expect("write");
+        let report = read_dataset(&path, DataFormat::Auto, ScoreField::Overall, false);
+        assert_eq!(report.expect("reads").records, plain[..1]);
+    }
+
+    #[test]
+    fn python_nan_and_infinity_in_scores_name_the_line_and_the_field() {
+        let cases = [
+            (
+                r#"{"prompt": "p", "all_generated_responses": ["a", "b"], "all_rm_scores": [1.0, NaN]}"#,
+                "`all_rm_scores[1]` is NaN",
+            ),
+            (
+                r#"{"prompt": "p", "responses": [{"text": "a", "score": Infinity}, {"text": "b", "score": 0}]}"#,
+                "`responses[0].score` is Infinity",
+            ),
+            (
+                r#"{"prompt": "p", "chosen": "a", "rejected": "b", "score_chosen": 2, "score_rejected": -Infinity}"#,
+                "`score_rejected` is -Infinity",
+            ),
+            (
+                r#"{"instruction": "p", "completions": [{"response": "a", "overall_score": 7}, {"response": "b", "overall_score": NaN}]}"#,
+                "`completions[1].overall_score` is NaN",
+            ),
+            (
+                r#"{"instruction": "p", "completions": [{"response": "a", "overall_score": "nan"}]}"#,
+                "`completions[0].overall_score` is the string \"nan\"",
+            ),
+        ];
+        for (line, named) in cases {
+            let text = format!("{SIMPLE}\n{line}\n");
+            let (at, message) = data_error(text.as_bytes());
+            assert_eq!(at, 2, "{message}");
+            assert!(message.starts_with(named), "{message}");
+            assert!(
+                message.contains("scores must be finite numbers"),
+                "{message}"
+            );
+            let skipped = read(text.as_bytes(), true).expect("skips");
+            assert_eq!(skipped.records.len(), 1);
+            assert_eq!(skipped.skipped[0].0, 2);
+            assert!(
+                skipped.skipped[0].1.starts_with("line 2: "),
+                "{:?}",
+                skipped.skipped
+            );
+        }
+        let err = read(format!("{SIMPLE}\n{}\n", cases[0].0).as_bytes(), false).unwrap_err();
+        assert!(err.to_string().starts_with("d.jsonl, line 2: "), "{err}");
+        assert!(err.to_string().contains("Python's json module"), "{err}");
+        // A NaN in a field the reader does not use changes nothing.
+        let unused = r#"{"instruction": "p", "completions": [{"response": "a", "overall_score": 7, "annotations": {"x": NaN}}]}"#;
+        assert_eq!(records(unused)[0].responses[0].score, 7.0);
+        // A text field that holds one says so.
+        let (_, message) = data_error(br#"{"prompt": NaN, "responses": []}"#);
+        assert!(message.starts_with("`prompt` is NaN"), "{message}");
+    }
+
+    #[test]
+    fn scores_a_32_bit_float_cannot_hold_are_refused_at_read_time() {
+        let line = |score: &str| {
+            format!(
+                r#"{{"prompt": "p", "responses": [{{"text": "a", "score": 1}}, {{"text": "b", "score": {score}}}]}}"#
+            )
+        };
+        for (score, says) in [
+            ("1e300", "beyond the ±3.4e38 of a 32-bit float"),
+            ("-4e38", "beyond the ±3.4e38 of a 32-bit float"),
+            ("1e400", "1e400, beyond the range of a 64-bit float"),
+            ("1e-60", "rounds to 0"),
+        ] {
+            let (at, message) = data_error(format!("{SIMPLE}\n{}\n", line(score)).as_bytes());
+            assert_eq!(at, 2, "{message}");
+            assert!(message.starts_with("`responses[1].score` is "), "{message}");
+            assert!(message.contains(says), "{score}: {message}");
+        }
+        for score in ["3e38", "-3e38", "1e-30", "0", "-0.0"] {
+            let read = records(&line(score))[0].responses[1].score;
+            let exact: f64 = score.parse().unwrap();
+            assert!(
+                (read - exact).abs() <= exact.abs() * 1e-15,
+                "{score}: {read}"
+            );
+        }
+        // UltraFeedback's scores written as strings are held to the same range.
+        let (_, message) = data_error(
+            br#"{"instruction": "p", "completions": [{"response": "a", "overall_score": "1e39"}]}"#,
+        );
+        assert!(
+            message.starts_with("`completions[0].overall_score` is 1e39, beyond"),
+            "{message}"
+        );
+    }
+
+    #[test]
+    fn a_json_array_of_records_reads_as_its_lines_would() {
+        let jsonl = format!("{SIMPLE}\n{MULTI}\n");
+        let expected = records(&jsonl);
+        // As `json.dump(records, f, indent=2)` writes it.
+        let pretty = |values: &[&str]| {
+            let values: Vec<serde_json::Value> = values
+                .iter()
+                .map(|v| serde_json::from_str(v).expect("json"))
+                .collect();
+            serde_json::to_string_pretty(&values).expect("pretty")
+        };
+        let text = pretty(&[SIMPLE, MULTI]);
+        let report = read(text.as_bytes(), false).expect("an array");
+        assert_eq!(report.records, expected);
+        // The lines where `to_string_pretty` opens each record.
+        let starts = |text: &str| -> Vec<usize> {
+            let lines = text.lines().enumerate();
+            lines
+                .filter(|(_, l)| *l == "  {")
+                .map(|(i, _)| i + 1)
+                .collect()
+        };
+        let second = starts(&text)[1];
+        assert_eq!(report.origin(0), Some("d.jsonl, line 2".to_string()));
+        assert_eq!(report.origin(1), Some(format!("d.jsonl, line {second}")));
+        assert_eq!(
+            read(b"[{}]".as_slice(), true).expect("one").skipped.len(),
+            1
+        );
+        assert!(read(b"  [ ]\n".as_slice(), false)
+            .expect("none")
+            .records
+            .is_empty());
+
+        // A bad record: named by the line it starts on and its place in the array, or skipped.
+        let bad = r#"{"prompt": "p", "responses": [{"text": "a", "score": "high"}]}"#;
+        let text = pretty(&[SIMPLE, bad, MULTI]);
+        let start = starts(&text)[1];
+        let (line, message) = data_error(text.as_bytes());
+        assert_eq!(
+            message,
+            "record 2 of the JSON array: `responses[0].score` is the string \"high\", \
+             expected a finite number (scores must be finite numbers)"
+        );
+        assert_eq!(line, start, "{text}");
+        let skipped = read(text.as_bytes(), true).expect("skips");
+        assert_eq!(skipped.records, expected);
+        assert_eq!(skipped.skipped[0].0, start);
+
+        // JSON syntax inside a record names the line of the file; NaN is named as in JSONL.
+        let (line, message) = data_error(b"[\n{\"prompt\": \"p\",\n \"responses\": [}\n]");
+        assert_eq!(line, 3);
+        assert!(
+            message.contains("`}` closes the `[` opened on line 3"),
+            "{message}"
+        );
+        let (line, message) = data_error(b"[\n{\"prompt\": \"p\",\n \"responses\": x}\n]");
+        assert_eq!(line, 2);
+        assert!(message.contains("(line 3, column 15)"), "{message}");
+        let nan = b"[\n{\"prompt\": \"p\", \"all_generated_responses\": [\"a\"],\n \"all_rm_scores\": [NaN]}]";
+        let (line, message) = data_error(nan);
+        assert_eq!(line, 2);
+        assert!(message.contains("`all_rm_scores[0]` is NaN"), "{message}");
+        // The array's own shape: it must close, and hold nothing after it.
+        let (line, message) = data_error(format!("[\n{SIMPLE},\n{MULTI}\n").as_bytes());
+        assert_eq!(line, 1);
+        assert!(message.contains("never closes"), "{message}");
+        let (line, message) = data_error(format!("[{SIMPLE}]\n[{MULTI}]\n").as_bytes());
+        assert_eq!(line, 2);
+        assert!(message.contains("text follows the JSON array"), "{message}");
+        let (line, message) = data_error(format!("[\n{SIMPLE},\n]").as_bytes());
+        assert_eq!(line, 3);
+        assert!(message.contains("comma"), "{message}");
+
+        // A `.json` file through read_dataset.
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("train.json");
+        std::fs::write(&path, pretty(&[SIMPLE, MULTI])).expect("write");
+        let report = read_dataset(&path, DataFormat::Auto, ScoreField::Overall, false);
+        assert_eq!(report.expect("reads").records, expected);
+    }
+
+    #[test]
+    fn fields_of_the_wrong_type_are_named_by_their_path() {
+        let cases: [(&str, &str); 9] = [
+            (
+                r#"{"prompt": 3, "responses": []}"#,
+                "`prompt` is the number 3, expected a string or a list of messages",
+            ),
+            (
+                r#"{"prompt": "p", "responses": [{"text": "a", "score": 1}, {"text": null, "score": 0}]}"#,
+                "`responses[1].text` is null, expected a string",
+            ),
+            (
+                r#"{"prompt": "p", "responses": [{"text": "a"}]}"#,
+                "missing field `responses[0].score`",
+            ),
+            (
+                r#"{"prompt": "p", "responses": {"text": "a"}}"#,
+                "`responses` is an object, expected a list",
+            ),
+            (
+                r#"{"prompt": "p", "all_generated_responses": "a", "all_rm_scores": [1]}"#,
+                "`all_generated_responses` is the string \"a\", expected a list",
+            ),
+            (
+                r#"{"prompt": [{"role": "user", "content": ["part"]}], "chosen": "a", "rejected": "b"}"#,
+                "`prompt[0].content` is a list of 1 item, expected a string",
+            ),
+            (
+                r#"{"prompt": [{"role": "user"}], "chosen": "a", "rejected": "b"}"#,
+                "missing field `prompt[0].content`",
+            ),
+            (
+                r#"{"prompt": "p", "chosen": "a", "rejected": "b", "score_chosen": "9"}"#,
+                "`score_chosen` is the string \"9\", expected a finite number",
+            ),
+            (
+                r#""just text""#,
+                "the record is the string \"just text\", expected a JSON object",
+            ),
+        ];
+        for (line, named) in cases {
+            let (at, message) = data_error(format!("{SIMPLE}\n{line}\n").as_bytes());
+            assert_eq!(at, 2, "{message}");
+            assert!(message.starts_with(named), "{line}: {message}");
+        }
+        let (_, message) = data_error(br#"{"question": "p", "answers": []}"#);
+        assert!(
+            message.starts_with("no known format") && message.contains("`answers`, `question`"),
+            "{message}"
+        );
+        let (_, message) = data_error(
+            br#"{"prompt": [{"role": "system", "content": "s"}], "chosen": "a", "rejected": "b"}"#,
+        );
+        assert!(
+            message.contains("must end with the user's turn (the last is the \"system\" turn)"),
+            "{message}"
+        );
+    }
+
+    #[test]
+    fn files_that_are_not_json_text_say_what_they_are() {
+        let utf16: Vec<u8> = "\u{feff}{}\n"
+            .encode_utf16()
+            .flat_map(|unit| unit.to_le_bytes())
+            .collect();
+        for (bytes, says) in [
+            (utf16, "UTF-16 text"),
+            (b"\x1f\x8b\x08\x00rest".to_vec(), "gzip-compressed"),
+            (b"\x28\xb5\x2f\xfdrest".to_vec(), "zstd-compressed"),
+            (
+                b"PAR1\x15\x04rest".to_vec(),
+                "a parquet file: name it *.parquet",
+            ),
+        ] {
+            let message = file_error(&bytes);
+            assert!(message.contains(says), "{message}");
+        }
+        // UTF-16 without its mark: NUL bytes in every line.
+        let utf16: Vec<u8> = format!("{SIMPLE}\n")
+            .encode_utf16()
+            .flat_map(|unit| unit.to_le_bytes())
+            .collect();
+        let (line, message) = data_error(&utf16);
+        assert_eq!(line, 1);
+        assert!(
+            message.contains("NUL bytes: is the file UTF-16"),
+            "{message}"
+        );
+        let mut latin1 = format!("{SIMPLE}\n").into_bytes();
+        latin1.extend_from_slice(b"{\"prompt\": \"caf\xe9\", \"responses\": []}\n");
+        let (line, message) = data_error(&latin1);
+        assert_eq!(line, 2);
+        assert!(
+            message.starts_with("not UTF-8 text (byte 0xE9 at column"),
+            "{message}"
+        );
+    }
+
+    #[test]
+    fn one_pretty_printed_object_is_named_as_such() {
+        let wrapped = format!("{{\n  \"data\": [\n    {SIMPLE}\n  ],\n  \"version\": 2\n}}\n");
+        let message = file_error(wrapped.as_bytes());
+        assert!(
+            message.contains("one JSON object spread over 6 lines (keys: data, version)"),
+            "{message}"
+        );
+        // A record cut over lines in the middle of a JSONL file is that line's error.
+        let (line, message) = data_error(format!("{SIMPLE}\n{{\"prompt\":\n\"p\"}}\n").as_bytes());
+        assert_eq!(line, 2);
+        assert!(
+            message.contains("a JSONL record must fit on one line"),
+            "{message}"
+        );
+    }
+
+    #[test]
+    fn malformed_lines_name_the_column_and_deep_or_huge_lines_end_cleanly() {
+        let (_, message) = data_error(br#"{"prompt": "p", "responses": [}"#);
+        assert!(message.ends_with("at column 31"), "{message}");
+        let deep = format!(
+            r#"{{"prompt": "p", "responses": [], "x": {}{}}}"#,
+            "[".repeat(100_000),
+            "]".repeat(100_000)
+        );
+        let (_, message) = data_error(deep.as_bytes());
+        assert!(
+            message.contains("nested more than 128 levels deep"),
+            "{message}"
+        );
+        let long = "x".repeat(20 << 20);
+        let huge = format!(r#"{{"prompt": "{long}", "responses": [{{"text": "a", "score": 1}}]}}"#);
+        assert_eq!(records(&huge)[0].prompt.len(), long.len());
+        assert!(read(b"", false).expect("empty").records.is_empty());
+        assert!(read(b"\n \n\r\n", false).expect("blank").records.is_empty());
+    }
+
+    #[test]
+    fn records_know_the_file_and_line_they_came_from() {
+        let text = format!("{SIMPLE}\n\nnot json\n{MULTI}\n");
+        let report = parse_jsonl(
+            &text,
+            "d.jsonl",
+            DataFormat::Auto,
+            ScoreField::Overall,
+            true,
+        )
+        .expect("skips");
+        assert_eq!(report.origin(0), Some("d.jsonl, line 1".to_string()));
+        assert_eq!(report.origin(1), Some("d.jsonl, line 4".to_string()));
+        assert_eq!(report.origin(2), None);
+    }
+
+    #[test]
+    fn a_folder_without_data_files_lists_what_it_holds() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::write(dir.path().join("train.json"), "[]").expect("write");
+        std::fs::write(dir.path().join("data-00000-of-00001.arrow"), "x").expect("write");
+        std::fs::create_dir(dir.path().join("test")).expect("mkdir");
+        let err =
+            read_dataset(dir.path(), DataFormat::Auto, ScoreField::Overall, false).unwrap_err();
+        let message = err.to_string();
+        assert!(matches!(err, RefaError::Config { .. }), "{message}");
+        assert!(
+            message.contains("it holds data-00000-of-00001.arrow, test, train.json"),
+            "{message}"
+        );
+        assert!(message.contains("name one data file"), "{message}");
+        let message = read_dataset(
+            Path::new(&dir.path().join("test")),
+            DataFormat::Auto,
+            ScoreField::Overall,
+            false,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(message.contains("(it is empty)"), "{message}");
+    }
+}

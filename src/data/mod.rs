@@ -3,6 +3,7 @@
 
 mod batches;
 mod examples;
+mod json;
 mod parquet;
 mod records;
 
