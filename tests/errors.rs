@@ -1250,3 +1250,96 @@ mod data {
         assert!(message.contains("(it is empty)"), "{message}");
     }
 }
+
+/// Parquet files as the Hub's writers make them (Arrow record batches, dictionary encoding):
+/// their size says nothing of how many rows they hold, and their floats may be NaN.
+#[cfg(feature = "trainer")]
+mod parquet_data {
+    use std::io::{BufReader, Cursor};
+    use std::path::Path;
+    use std::sync::Arc;
+
+    use parquet::arrow::ArrowWriter;
+    use parquet::basic::Compression;
+    use parquet::file::properties::WriterProperties;
+    use refa_loss::data::{read_dataset, DataFormat, ScoreField};
+    use refa_loss::RefaError;
+
+    const MULTI: &str = r#"{"prompt": "2 + 2?", "all_generated_responses": ["4", "5"], "all_rm_scores": [0.9, -1.2]}"#;
+
+    /// Writes `jsonl` as one row group of parquet, its schema inferred from `schema_from`.
+    fn write_parquet(path: &Path, jsonl: &str, schema_from: &str) {
+        let (schema, _) =
+            arrow_json::reader::infer_json_schema(BufReader::new(Cursor::new(schema_from)), None)
+                .expect("schema");
+        let schema = Arc::new(schema);
+        let batches = arrow_json::ReaderBuilder::new(schema.clone())
+            .with_batch_size(1 << 16)
+            .build(BufReader::new(Cursor::new(jsonl)))
+            .expect("reader");
+        let file = std::fs::File::create(path).expect("create");
+        let properties = WriterProperties::builder()
+            .set_compression(Compression::SNAPPY)
+            .build();
+        let mut writer = ArrowWriter::try_new(file, schema, Some(properties)).expect("writer");
+        for batch in batches {
+            writer.write(&batch.expect("batch")).expect("write");
+        }
+        writer.close().expect("close");
+    }
+
+    /// 6 400 rows of one record take a few kilobytes: fewer bytes than rows, which a bound
+    /// on rows per byte once refused as a damaged file.
+    #[test]
+    fn a_parquet_file_of_many_repeated_rows_is_read() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("repeated.parquet");
+        let jsonl = format!("{MULTI}\n").repeat(6400);
+        write_parquet(&path, &jsonl, MULTI);
+        let bytes = std::fs::metadata(&path).expect("size").len();
+        assert!(bytes < 6400, "{bytes} bytes: not the case this test is for");
+        let report = read_dataset(&path, DataFormat::Auto, ScoreField::Overall, false)
+            .expect("a valid file");
+        assert_eq!(report.records.len(), 6400);
+        assert!(report.records.iter().all(|r| r == &report.records[0]));
+        assert_eq!(report.records[0].responses[1].score, -1.2);
+        let last = report.origin(6399).expect("origin");
+        assert_eq!(last, format!("{}, row 6400", path.display()));
+    }
+
+    /// A NaN or infinite float in a score column is named by its row and field (the parquet
+    /// crate's JSON makes it null, which named no NaN); in a column not read it changes
+    /// nothing.
+    #[test]
+    fn nan_floats_in_parquet_name_the_row_and_the_field() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("nan.parquet");
+        let clean = r#"{"prompt": "p", "all_generated_responses": ["a", "b"], "all_rm_scores": [1.0, 0.0], "other": 1.5}"#;
+        let nan = r#"{"prompt": "q", "all_generated_responses": ["a", "b"], "all_rm_scores": [1.0, "NaN"], "other": 1.5}"#;
+        let inf = r#"{"prompt": "r", "all_generated_responses": ["a", "b"], "all_rm_scores": ["-inf", 0.0], "other": 1.5}"#;
+        let unused = r#"{"prompt": "s", "all_generated_responses": ["a", "b"], "all_rm_scores": [1.0, 0.0], "other": "NaN"}"#;
+        write_parquet(&path, &format!("{clean}\n{nan}\n{inf}\n{unused}\n"), clean);
+        let err = read_dataset(&path, DataFormat::Auto, ScoreField::Overall, false).unwrap_err();
+        match &err {
+            RefaError::DataRow {
+                row: 2, message, ..
+            } => assert!(
+                message.starts_with("`all_rm_scores[1]` is a NaN float, expected a finite number"),
+                "{err}"
+            ),
+            other => panic!("expected row 2's error, got {other:?}"),
+        }
+        let report =
+            read_dataset(&path, DataFormat::Auto, ScoreField::Overall, true).expect("skips");
+        let prompts: Vec<&str> = report.records.iter().map(|r| r.prompt.as_str()).collect();
+        assert_eq!(prompts, ["p", "s"]);
+        assert_eq!(report.skipped[1].0, 3);
+        assert!(
+            report.skipped[1]
+                .1
+                .starts_with("row 3: `all_rm_scores[0]` is an infinite float (-inf)"),
+            "{:?}",
+            report.skipped
+        );
+    }
+}

@@ -150,6 +150,12 @@ impl CausalLm {
     /// checkpoints, and a tied `lm_head.weight`, are skipped). Phi-3's fused projections
     /// are split into the model's q/k/v and gate/up weights.
     pub fn load_weights(&self, reader: &CheckpointReader) -> Result<()> {
+        self.load_weights_beside(reader, &[])
+    }
+
+    /// [`load_weights`](Self::load_weights) from a checkpoint that also holds `heads`:
+    /// tensors another module reads (a sequence classifier's `score.weight`).
+    pub(crate) fn load_weights_beside(&self, reader: &CheckpointReader, heads: &[&str]) -> Result<()> {
         let parameters = self.base_parameters();
         let sources: Vec<names::Source> = parameters
             .iter()
@@ -160,6 +166,7 @@ impl CausalLm {
         let tied_head = self.config.tie_word_embeddings;
         if let Some(extra) = reader.names().find(|name| {
             !known.contains(name)
+                && !heads.contains(name)
                 && !name.ends_with("rotary_emb.inv_freq")
                 && (!tied_head || *name != "lm_head.weight")
         }) {
