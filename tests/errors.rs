@@ -1343,3 +1343,60 @@ mod parquet_data {
         );
     }
 }
+
+/// Configuration files with a UTF-8 byte-order mark (as some editors save them) read as
+/// without one; a batch whose template rendered an empty prompt is refused, not laid out
+/// around a padding token.
+#[cfg(feature = "trainer")]
+mod marked_files {
+    use refa_loss::data::{collate_shared, TokenizedExample};
+    use refa_loss::model::{CausalLm, Encoded, ModelConfig, SaveOptions};
+    use refa_loss::RefaError;
+    use tch::{Device, Kind};
+
+    #[test]
+    fn a_sharded_checkpoint_index_with_a_byte_order_mark_loads() {
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/examples/data/tiny-config.json"
+        );
+        let text = std::fs::read_to_string(path).expect("config");
+        let config = ModelConfig::from_json(&format!("\u{feff}{text}")).expect("a marked config");
+        let model = CausalLm::new(config, Device::Cpu, Kind::Float, None).expect("model");
+        let dir = tempfile::tempdir().expect("tempdir");
+        let options = SaveOptions {
+            kind: Kind::Float,
+            shard_bytes: 20_000,
+        };
+        model.save_pretrained(dir.path(), options).expect("save");
+        let index = dir.path().join("model.safetensors.index.json");
+        let json = std::fs::read_to_string(&index).expect("sharded");
+        std::fs::write(&index, format!("\u{feff}{json}")).expect("write");
+        let config = dir.path().join("config.json");
+        let json = std::fs::read_to_string(&config).expect("config");
+        std::fs::write(&config, format!("\u{feff}{json}")).expect("write");
+        CausalLm::from_pretrained(dir.path(), Device::Cpu, Kind::Float, None)
+            .expect("loads with the marks");
+    }
+
+    #[test]
+    fn an_empty_prompt_is_refused_by_the_prefix_sharing_layout() {
+        let example = TokenizedExample {
+            responses: vec![
+                Encoded {
+                    prompt: vec![],
+                    response: vec![5, 6, 2],
+                },
+                Encoded {
+                    prompt: vec![],
+                    response: vec![7, 2],
+                },
+            ],
+            rewards: vec![1.0, 0.0],
+        };
+        let err = collate_shared(&[&example], 0, Device::Cpu).unwrap_err();
+        assert!(matches!(err, RefaError::Config { .. }), "{err}");
+        assert!(err.to_string().contains("prompt of no tokens"), "{err}");
+        assert!(err.to_string().contains("chat template"), "{err}");
+    }
+}

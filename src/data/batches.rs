@@ -126,7 +126,9 @@ fn prompt_of(example: &TokenizedExample) -> &[i64] {
 }
 
 /// Lays `examples` out for prefix sharing on `device`. Every response of an example must
-/// carry the same prompt ids (as the tokenizer produces them for one prompt).
+/// carry the same prompt ids (as the tokenizer produces them for one prompt), at least one:
+/// an empty prompt is a [`RefaError::Config`] (it would be laid out as one padding token
+/// that the responses attend to).
 pub fn collate_shared(
     examples: &[&TokenizedExample],
     pad_id: i64,
@@ -139,6 +141,16 @@ pub fn collate_shared(
         .max()
         .unwrap_or(0);
     for (i, example) in examples.iter().enumerate() {
+        if example.responses.iter().any(|r| r.prompt.is_empty()) {
+            return Err(RefaError::config(
+                "tokenized data",
+                format!(
+                    "example {i} of the batch has a prompt of no tokens (its chat template \
+                     rendered the prompt as nothing): a response needs a prompt token before \
+                     it to be scored; use a template that frames the user's turn"
+                ),
+            ));
+        }
         if example
             .responses
             .iter()

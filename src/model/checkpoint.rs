@@ -109,8 +109,9 @@ fn shard_files(folder: &Path) -> Result<Vec<PathBuf>> {
         return Ok(vec![single]);
     }
     let text = std::fs::read_to_string(&index).map_err(|e| RefaError::io(&index, &e))?;
-    let json: serde_json::Value =
-        serde_json::from_str(&text).map_err(|e| RefaError::config(&index, e))?;
+    // A UTF-8 byte-order mark (some editors write one) is not JSON: skipped, as config.json's.
+    let json: serde_json::Value = serde_json::from_str(text.trim_start_matches('\u{feff}'))
+        .map_err(|e| RefaError::config(&index, e))?;
     let map = json["weight_map"]
         .as_object()
         .ok_or_else(|| RefaError::config(&index, "no `weight_map` object"))?;
