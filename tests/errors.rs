@@ -1185,6 +1185,52 @@ mod data {
             message.contains("a JSONL record must fit on one line"),
             "{message}"
         );
+        // The last line of a file cut short, without its newline.
+        let (line, message) =
+            data_error(format!("{SIMPLE}\n{SIMPLE}\n{{\"prompt\": \"p").as_bytes());
+        assert_eq!(line, 3);
+        assert!(
+            message.contains("the file ends inside this record: it was cut short"),
+            "{message}"
+        );
+        // Records separated by commas as in an array, without its brackets.
+        let (line, message) = data_error(format!("{SIMPLE},\n{SIMPLE},\n").as_bytes());
+        assert_eq!(line, 1);
+        assert!(message.contains("a comma follows the record"), "{message}");
+    }
+
+    /// Classic Mac OS line ends (\r alone) end lines like \n and \r\n.
+    #[test]
+    fn carriage_returns_alone_end_lines() {
+        let expected = records(&format!("{SIMPLE}\n{MULTI}\n"));
+        assert_eq!(records(&format!("{SIMPLE}\r{MULTI}\r")), expected);
+        let (line, _) = data_error(format!("{SIMPLE}\r{{\"prompt\": 3}}\r").as_bytes());
+        assert_eq!(line, 2);
+    }
+
+    /// A shard that is a symbolic link to nothing names the link's target.
+    #[test]
+    fn a_dangling_symbolic_link_names_its_target() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::write(dir.path().join("a.jsonl"), format!("{SIMPLE}\n")).expect("write");
+        std::os::unix::fs::symlink("gone.jsonl", dir.path().join("b.jsonl")).expect("link");
+        std::os::unix::fs::symlink("gone.parquet", dir.path().join("c.parquet")).expect("link");
+        let err =
+            read_dataset(dir.path(), DataFormat::Auto, ScoreField::Overall, false).unwrap_err();
+        assert!(matches!(err, RefaError::Io { .. }), "{err}");
+        assert!(
+            err.to_string()
+                .ends_with("b.jsonl: a symbolic link to gone.jsonl, which does not exist"),
+            "{err}"
+        );
+        std::fs::remove_file(dir.path().join("b.jsonl")).expect("remove");
+        let err =
+            read_dataset(dir.path(), DataFormat::Auto, ScoreField::Overall, false).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("c.parquet: a symbolic link to gone.parquet"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -41,10 +41,22 @@ fn describe_literal(literal: &str) -> String {
     }
 }
 
-/// Parses the JSON text of one record. `first_line` is the line of the file the text starts
-/// on when it may span several (a record of a JSON array), `None` for a JSONL line: a syntax
-/// error then names the column, or the line and the column.
-pub(super) fn parse(text: &str, first_line: Option<usize>) -> Parsed<Value> {
+/// Where the text of a record sits in its file, for the messages of syntax errors.
+#[derive(Debug, Clone, Copy)]
+pub(super) enum Place {
+    /// A JSONL line; `last` when it ends the file without a newline (a file cut short ends
+    /// so).
+    Line {
+        /// The line ends the file, with no newline after it.
+        last: bool,
+    },
+    /// A record of a JSON array that starts on this 1-based line of the file.
+    Array(usize),
+}
+
+/// Parses the JSON text of one record. A syntax error names the column (a JSONL line) or the
+/// line and the column of the file (a record of an array, which may span several).
+pub(super) fn parse(text: &str, place: Place) -> Parsed<Value> {
     let error = match serde_json::from_str(text) {
         Ok(value) => return Ok(value),
         Err(error) => error,
@@ -56,12 +68,12 @@ pub(super) fn parse(text: &str, first_line: Option<usize>) -> Parsed<Value> {
             }
         }
     }
-    Err(syntax_message(&error, text, first_line))
+    Err(syntax_message(&error, text, place))
 }
 
 /// serde's message for `error`, with the position in the file's terms and a hint where the
 /// cause is a usual one.
-fn syntax_message(error: &serde_json::Error, text: &str, first_line: Option<usize>) -> String {
+fn syntax_message(error: &serde_json::Error, text: &str, place: Place) -> String {
     let full = error.to_string();
     let what = full
         .rfind(" at line ")
@@ -71,21 +83,33 @@ fn syntax_message(error: &serde_json::Error, text: &str, first_line: Option<usiz
         None => what,
     };
     let (line, column) = (error.line(), error.column());
-    let mut message = match first_line {
-        Some(first) if line > 0 => format!("{what} (line {}, column {column})", first + line - 1),
+    let mut message = match place {
+        Place::Array(first) if line > 0 => {
+            format!("{what} (line {}, column {column})", first + line - 1)
+        }
         _ if column > 0 => format!("{what} at column {column}"),
         _ => what.to_string(),
     };
-    if text.contains('\0') {
-        message.push_str(
-            "; the text holds NUL bytes: is the file UTF-16 or binary? Save it as UTF-8 text",
-        );
-    } else if error.is_eof() && first_line.is_none() {
-        message.push_str(
-            "; the line ends inside a JSON value: a JSONL record must fit on one line \
-             (a pretty-printed record? write one per line, e.g. with `jq -c`)",
-        );
-    }
+    let comma_after = || {
+        let record = text.trim_end().strip_suffix(',')?;
+        serde_json::from_str::<serde::de::IgnoredAny>(record).ok()
+    };
+    let hint = if text.contains('\0') {
+        "the text holds NUL bytes: is the file UTF-16 or binary? Save it as UTF-8 text"
+    } else if error.is_eof() && matches!(place, Place::Line { last: true }) {
+        "the file ends inside this record: it was cut short (an interrupted download or \
+         write?)"
+    } else if error.is_eof() && matches!(place, Place::Line { .. }) {
+        "the line ends inside a JSON value: the record is cut short, or spread over several \
+         lines (a JSONL record must fit on one line; `jq -c` writes one per line)"
+    } else if matches!(place, Place::Line { .. }) && comma_after().is_some() {
+        "a comma follows the record: JSONL separates records by line breaks alone (drop the \
+         commas, or make the file one JSON array `[…]`)"
+    } else {
+        return message;
+    };
+    message.push_str("; ");
+    message.push_str(hint);
     message
 }
 
@@ -481,7 +505,7 @@ mod tests {
     fn non_finite_literals_are_marked_outside_strings_only() {
         let text =
             r#"{"a": [1, NaN, -Infinity], "b": "NaN Infinity 1e999", "c": 1e400, "d": -2.5e-3}"#;
-        let value = parse(text, None).expect("parses with stand-ins");
+        let value = parse(text, Place::Line { last: false }).expect("parses with stand-ins");
         let seen = |v: &Value| describe(v);
         assert!(seen(&value["a"][1]).starts_with("NaN, which JSON does not allow"));
         assert!(seen(&value["a"][2]).starts_with("-Infinity, which JSON"));

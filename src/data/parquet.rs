@@ -23,7 +23,7 @@ use crate::error::{RefaError, Result};
 /// is caught here and reported as the file's error, so that bad input never takes the
 /// caller's process down.
 pub(super) fn parquet_rows(path: &Path) -> Result<Vec<std::result::Result<Value, String>>> {
-    let file = std::fs::File::open(path).map_err(|e| RefaError::io(path, &e))?;
+    let file = std::fs::File::open(path).map_err(|e| super::records::read_error(path, e))?;
     let limit = memory_limit();
     let decoded = quiet_catch_unwind(move || decode(file, limit));
     match decoded {

@@ -188,12 +188,28 @@ fn read_files(
         let part = if is_parquet && extensions.contains(&"parquet") {
             parse_parquet(file, format, score, skip_bad_lines)?
         } else {
-            let bytes = std::fs::read(file).map_err(|e| RefaError::io(file, &e))?;
+            let bytes = std::fs::read(file).map_err(|e| read_error(file, e))?;
             parse_jsonl_bytes(&bytes, &source, format, score, skip_bad_lines)?
         };
         report.extend(part, &source, files.len() > 1);
     }
     Ok(report)
+}
+
+/// The error of reading `file`: the operating system's, or for a symbolic link whose target
+/// is missing, one that names the target (the OS names neither).
+pub(super) fn read_error(file: &Path, error: std::io::Error) -> RefaError {
+    match std::fs::read_link(file) {
+        Ok(target) if error.kind() == std::io::ErrorKind::NotFound => RefaError::Io {
+            path: file.display().to_string(),
+            message: format!(
+                "a symbolic link to {}, which does not exist",
+                target.display()
+            ),
+            source: Some(crate::error::ErrorSource::new(error)),
+        },
+        _ => RefaError::io(file, &error),
+    }
 }
 
 /// `path` itself, or the files of the folder `path` with one of `extensions`, in name order
@@ -299,14 +315,25 @@ pub fn parse_jsonl_bytes(
         return parse_json_array(bytes, source, format, score, skip_bad_lines);
     }
     let mut report = ReadReport::of_file(source, false);
-    for (index, raw) in bytes.split(|&b| b == b'\n').enumerate() {
+    // Lines end with \n or \r\n; or with \r alone in a file without any \n (classic Mac
+    // OS). A raw \r is never inside a valid JSON line.
+    let end = match bytes.contains(&b'\n') {
+        true => b'\n',
+        false => b'\r',
+    };
+    let lines = bytes.split(|&b| b == end).count();
+    let cut_short = !bytes.trim_ascii_end().is_empty() && !bytes.ends_with(&[end]);
+    for (index, raw) in bytes.split(|&b| b == end).enumerate() {
         let raw = raw.strip_suffix(b"\r").unwrap_or(raw);
         let raw = raw.strip_prefix(BOM).unwrap_or(raw);
+        let place = json::Place::Line {
+            last: cut_short && index + 1 == lines,
+        };
         let parsed = std::str::from_utf8(raw)
             .map_err(|e| not_utf8(raw.get(e.valid_up_to()), e.valid_up_to()))
             .and_then(|line| match line.trim().is_empty() {
                 true => Ok(None),
-                false => parse_line(line, format, score).map(Some),
+                false => parse_line(line, place, format, score).map(Some),
             });
         match parsed {
             Ok(None) => {}
@@ -432,7 +459,7 @@ fn parse_json_array(
     let elements = json::array_elements(text).map_err(|(line, why)| data_error(line, why))?;
     let mut report = ReadReport::of_file(source, false);
     for (index, element) in elements.iter().enumerate() {
-        let parsed = json::parse(element.text, Some(element.line))
+        let parsed = json::parse(element.text, json::Place::Array(element.line))
             .and_then(|value| parse_value(value, format, score))
             .map_err(|why| format!("record {} of the JSON array: {why}", index + 1));
         match parsed {
@@ -448,10 +475,11 @@ fn parse_json_array(
 
 fn parse_line(
     line: &str,
+    place: json::Place,
     format: DataFormat,
     score: ScoreField,
 ) -> std::result::Result<PreferenceRecord, String> {
-    let value = json::parse(line, None)?;
+    let value = json::parse(line, place)?;
     parse_value(value, format, score)
 }
 
