@@ -418,3 +418,63 @@ fn sigterm_to_torchrun_stops_every_rank_at_one_step_with_a_whole_checkpoint() {
         );
     }
 }
+
+/// Ranks started by hand with different flags stop before they train together, every one
+/// with an error naming the difference; a LoRA rank beside a fully fine-tuned one too (it
+/// once aborted inside Gloo, SIGABRT), and nothing is written.
+#[test]
+fn ranks_started_differently_stop_naming_the_difference() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let sample = std::fs::read_to_string(repo_file("examples/data/sample.jsonl")).expect("data");
+    let fewer = dir.path().join("fewer.jsonl");
+    std::fs::write(
+        &fewer,
+        sample.lines().take(40).collect::<Vec<_>>().join("\n"),
+    )
+    .expect("data");
+    let fewer = fewer.to_str().unwrap().to_string();
+    let cases: [(&str, &[&str], &str); 3] = [
+        ("lr", &["--lr", "0.01"], "`schedule"),
+        ("data", &["--data", &fewer], "the training data"),
+        (
+            "lora",
+            &["--lora-rank", "4"],
+            "the model's variables (names, shapes, kinds; LoRA or not)",
+        ),
+    ];
+    for (name, extra, culprit) in cases {
+        let out = dir.path().join(name);
+        let base = [
+            "--max-steps",
+            "3",
+            "--prompts-per-batch",
+            "1",
+            "--dist-timeout",
+            "60",
+        ];
+        let mut different = base.to_vec();
+        different.extend_from_slice(extra);
+        let port = free_port();
+        let ranks = [
+            rank(0, port, &flags(&out, &base)),
+            rank(1, port, &flags(&out, &different)),
+        ];
+        for (index, child) in ranks.into_iter().enumerate() {
+            let output = child.wait_with_output().expect("a rank ends");
+            let stderr = text(&output.stderr);
+            assert_eq!(
+                output.status.code(),
+                Some(1),
+                "{name}, rank {index}: {stderr}"
+            );
+            assert!(
+                stderr.contains("started differently") && stderr.contains(culprit),
+                "{name}, rank {index}: the error should name {culprit}: {stderr}"
+            );
+        }
+        assert!(
+            refa_loss::train::latest_checkpoint(&out).is_none(),
+            "{name}: a checkpoint"
+        );
+    }
+}

@@ -96,6 +96,50 @@ impl Default for TrainConfig {
 }
 
 impl TrainConfig {
+    /// Every setting by name, as text (`Debug`): what the ranks of a data-parallel job
+    /// compare before they train together.
+    #[cfg(feature = "distributed")]
+    pub(super) fn settings(&self) -> Vec<(&'static str, String)> {
+        // Destructured, so that a new field cannot be left out.
+        let TrainConfig {
+            prompts_per_batch,
+            accumulation_steps,
+            max_steps,
+            schedule,
+            max_grad_norm,
+            weight_decay,
+            eval_every,
+            save_every,
+            keep_checkpoints,
+            output_dir,
+            seed,
+            recompute,
+            scoring,
+            pad_id,
+            share_prompts,
+            overwrite_output_dir,
+        } = self;
+        let text = |value: &dyn std::fmt::Debug| format!("{value:?}");
+        vec![
+            ("prompts_per_batch", text(prompts_per_batch)),
+            ("accumulation_steps", text(accumulation_steps)),
+            ("max_steps", text(max_steps)),
+            ("schedule", text(schedule)),
+            ("max_grad_norm", text(max_grad_norm)),
+            ("weight_decay", text(weight_decay)),
+            ("eval_every", text(eval_every)),
+            ("save_every", text(save_every)),
+            ("keep_checkpoints", text(keep_checkpoints)),
+            ("output_dir", text(output_dir)),
+            ("seed", text(seed)),
+            ("recompute", text(recompute)),
+            ("scoring", text(scoring)),
+            ("pad_id", text(pad_id)),
+            ("share_prompts", text(share_prompts)),
+            ("overwrite_output_dir", text(overwrite_output_dir)),
+        ]
+    }
+
     /// Checks every setting, so that a bad one fails before any work starts: at least one
     /// prompt, micro-batch and step; a valid schedule ([`CosineSchedule::validate`]);
     /// clipping threshold >= 0 (0: off; NaN refused, it would switch clipping off silently);
@@ -197,8 +241,9 @@ pub(super) fn check_examples_fit(
 
 /// Runs `loss` once on a two-response batch with every input it may read, so that a bad
 /// hyperparameter or an input the scoring settings will not provide (per-step EOS for
-/// `EosMode::Budgeted`) fails before the first step rather than at it.
-pub(super) fn probe_loss(loss: &dyn PreferenceLoss, scoring: &ScoringConfig) -> Result<()> {
+/// `EosMode::Budgeted`) fails before the first step rather than at it. Returns the loss's
+/// value there, a function of its hyperparameters (ranks of a job compare it).
+pub(super) fn probe_loss(loss: &dyn PreferenceLoss, scoring: &ScoringConfig) -> Result<f64> {
     let pair = |a: f32, b: f32| Tensor::from_slice(&[a, b]).view([1, 2]);
     let mut batch = PreferenceBatch::new(&pair(-1.0, -2.0), &pair(1.0, 1.0), &pair(1.0, 0.0))?
         .with_eos(&pair(-1.0, -1.0), &pair(1.0, 1.0).gt(0.0))?;
@@ -209,5 +254,6 @@ pub(super) fn probe_loss(loss: &dyn PreferenceLoss, scoring: &ScoringConfig) -> 
         let steps = Tensor::full([1, 2, 1], -1.0, (Kind::Float, tch::Device::Cpu));
         batch = batch.with_eos_steps(&steps, &steps.lt(0.0))?;
     }
-    tch::no_grad(|| loss.compute(&batch)).map(|_| ())
+    let output = tch::no_grad(|| loss.compute(&batch))?;
+    Ok(output.loss.double_value(&[]))
 }

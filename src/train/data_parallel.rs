@@ -11,10 +11,66 @@
 use tch::{Device, Kind, Tensor};
 
 use crate::distributed::{ProcessGroup, ReduceOp};
-use crate::error::Result;
+use crate::error::{RefaError, Result};
+use crate::train::fingerprint::SetupPart;
 
 /// Bytes of gradient in one all-reduce (PyTorch DDP's default bucket, 25 MiB).
 pub const BUCKET_BYTES: usize = 25 << 20;
+
+/// Stops every rank when any rank's setup differs from rank 0's, naming the ranks and the
+/// parts (with this rank's value where it is a setting). One all-gather of as many integers
+/// as there are parts, the same number on every rank, before any collective whose shapes
+/// depend on the setup: a LoRA rank beside a fully fine-tuned one would otherwise abort
+/// inside Gloo, and ranks with another learning rate or other data would train together.
+pub(crate) fn check_ranks_agree(group: &ProcessGroup, parts: &[SetupPart]) -> Result<()> {
+    let n = parts.len();
+    // The bits of each u64 travel as an i64.
+    let mine: Vec<i64> = parts.iter().map(|p| p.hash as i64).collect();
+    let all = Tensor::zeros(
+        [(n * group.world_size()) as i64],
+        (Kind::Int64, Device::Cpu),
+    );
+    group.all_gather(&all, &Tensor::from_slice(&mine))?;
+    let all = Vec::<i64>::try_from(&all)?;
+    let rank_0 = &all[..n];
+    let differences: Vec<String> = (1..group.world_size())
+        .filter_map(|rank| {
+            let theirs = &all[rank * n..(rank + 1) * n];
+            let names: Vec<&str> = parts
+                .iter()
+                .zip(theirs.iter().zip(rank_0))
+                .filter(|(_, (a, b))| a != b)
+                .map(|(part, _)| part.name.as_str())
+                .collect();
+            (!names.is_empty())
+                .then(|| format!("rank {rank} differs from rank 0 in {}", names.join(", ")))
+        })
+        .collect();
+    if differences.is_empty() {
+        return Ok(());
+    }
+    // This rank's own values of the settings that differ somewhere in the job.
+    let differs_anywhere = |i: usize| (1..group.world_size()).any(|r| all[r * n + i] != all[i]);
+    let here: Vec<String> = parts
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| differs_anywhere(*i))
+        .filter_map(|(_, part)| Some(format!("{} = {}", part.name, part.text.as_ref()?)))
+        .collect();
+    let here = if here.is_empty() {
+        String::new()
+    } else {
+        format!("; here on rank {}, {}", group.rank(), here.join(", "))
+    };
+    Err(RefaError::Distributed {
+        operation: "setup",
+        message: format!(
+            "the ranks were started differently: {}{here}; start every rank with the same \
+             flags, model and data",
+            differences.join("; ")
+        ),
+    })
+}
 
 /// The trainer's view of its process group.
 pub struct DataParallel {

@@ -165,6 +165,10 @@ impl Trainer {
     /// step. Rank 0 alone writes `metrics.jsonl`, the reference cache and the model; each
     /// rank writes its optimizer shard into the same checkpoint folder. See
     /// `docs/distributed.md`.
+    ///
+    /// First the ranks compare fingerprints of their settings, loss, model structure, frozen
+    /// weights and data, and all stop with [`RefaError::Distributed`] naming what differs
+    /// when any rank was started otherwise than rank 0.
     #[cfg(feature = "distributed")]
     pub fn new_distributed(
         model: CausalLm,
@@ -175,6 +179,14 @@ impl Trainer {
         group: crate::distributed::ProcessGroup,
         shard_optimizer: bool,
     ) -> Result<Self> {
+        let parts = crate::train::fingerprint::setup_parts(
+            &model,
+            loss.as_ref(),
+            (&train, &eval),
+            &config,
+            shard_optimizer,
+        )?;
+        crate::train::data_parallel::check_ranks_agree(&group, &parts)?;
         let trainable = trainable_parameters(&model);
         let parallel = DataParallel::new(group, trainable, shard_optimizer);
         parallel.broadcast_parameters()?;
@@ -190,6 +202,12 @@ impl Trainer {
         parallel: Option<DataParallel>,
     ) -> Result<Self> {
         let pad_id = config.pad_id;
+        // The model decides how its logits are formed (Gemma 2 soft-caps them): score what
+        // the model computes, whatever the caller's scoring settings said.
+        let config = TrainConfig {
+            scoring: model.scoring_config(config.scoring),
+            ..config
+        };
         config.validate()?;
         RefaError::require(!train.is_empty(), "training examples", 0, ">= 1")?;
         check_examples_fit(&model, pad_id, &train)?;
@@ -242,6 +260,18 @@ impl Trainer {
     /// The model.
     pub fn model(&self) -> &CausalLm {
         &self.model
+    }
+
+    /// The trainer's scoring settings: the configured ones with the model's own (its final
+    /// logit soft cap, see [`CausalLm::scoring_config`]).
+    pub fn scoring(&self) -> &ScoringConfig {
+        &self.config.scoring
+    }
+
+    /// The trained model, ending the run (the output folder's lock is released): for
+    /// generation, or for the next round of on-policy training.
+    pub fn into_model(self) -> CausalLm {
+        self.model
     }
 
     /// Optimizer steps done.
