@@ -68,6 +68,25 @@ struct Group {
 
 Group& group_of(void* handle) { return *static_cast<Group*>(handle); }
 
+// A process started with the MASTER_PORT of another, running job meets that job's store.
+// Its index is taken there, or the job's world size is another, so it stops here at once,
+// before it writes a key of that job's rendezvous (where it would wait far past the timeout
+// and could disturb the job). Each rank claims its index once; the first sets the size.
+void check_membership(c10d::Store& store, int rank, int world) {
+  const std::string mine = std::to_string(world);
+  const std::string stored = store.compareSet("world", "", mine);
+  if (stored != mine) {
+    throw std::runtime_error("the job at this address has WORLD_SIZE " + stored +
+                             ", this process was started with " + mine +
+                             ": another job uses this MASTER_PORT");
+  }
+  if (store.add("rank/" + std::to_string(rank), 1) > 1) {
+    throw std::runtime_error("rank " + std::to_string(rank) +
+                             " has already joined the job at this address: another job uses "
+                             "this MASTER_PORT, or this rank was started twice");
+  }
+}
+
 }  // namespace
 
 extern "C" {
@@ -99,6 +118,7 @@ char* refa_dist_new(const char* host, int port, int is_server, int rank, int wor
     auto tcp = c10::make_intrusive<c10d::TCPStore>(std::string(host), options);
     c10::intrusive_ptr<c10d::Store> store =
         c10::make_intrusive<c10d::PrefixStore>(std::string(prefix), tcp);
+    check_membership(*store, rank, world);
     auto group = std::make_unique<Group>();
     group->store = store;
     group->rank = rank;

@@ -99,11 +99,39 @@ fn worker_lost_peer() {
     assert!(err.to_string().contains("lost rank 1"), "{err}");
 }
 
+/// A rank of a job that stays met until the test closes its stdin, then checks with one more
+/// barrier that the job is still whole.
+fn worker_hold() {
+    use std::io::{Read, Write};
+    let pg = group(Duration::from_secs(120));
+    pg.barrier().expect("first barrier");
+    println!("READY");
+    std::io::stdout().flush().expect("stdout");
+    let mut rest = String::new();
+    std::io::stdin().read_to_string(&mut rest).expect("stdin");
+    pg.barrier().expect("the job is whole after the intruder");
+}
+
+/// A process started with a running job's port and a rank index the job has, or another
+/// world size: it must stop at once, saying so.
+fn worker_intrude() {
+    let job = JobEnv::from_env().expect("env").expect("a job");
+    let err = ProcessGroup::new(&job, Duration::from_secs(60), false).unwrap_err();
+    eprintln!("INTRUDER: {err}");
+    assert!(
+        err.to_string()
+            .contains("another job uses this MASTER_PORT"),
+        "{err}"
+    );
+}
+
 /// Runs the worker named by the role variable, when this process is a rank.
 fn as_worker() -> bool {
     match std::env::var(ROLE).as_deref() {
         Ok("collectives") => worker_collectives(),
         Ok("lost") => worker_lost_peer(),
+        Ok("hold") => worker_hold(),
+        Ok("intrude") => worker_intrude(),
         _ => return false,
     }
     true
@@ -199,5 +227,75 @@ fn job_variables_are_checked() {
         let err = JobEnv::from_vars(|n| pairs.iter().find(|(k, _)| k == n).map(|(_, v)| v.clone()))
             .unwrap_err();
         assert!(err.to_string().contains(name), "{err}");
+    }
+}
+
+/// A process started with the port of a running job (a rank index the job has, or another
+/// world size) stops at once with an error that says so, well inside its 60 s timeout (it
+/// once waited in the job's rendezvous far past it), and the job goes on unharmed.
+#[test]
+fn a_rank_on_another_jobs_port_stops_at_once_and_the_job_goes_on() {
+    use std::io::{BufRead, BufReader, Read};
+    if as_worker() {
+        return;
+    }
+    let test = "a_rank_on_another_jobs_port_stops_at_once_and_the_job_goes_on";
+    let port = free_port().to_string();
+    let spawn = |role: &str, rank: usize, world: usize| {
+        Command::new(std::env::current_exe().expect("test binary"))
+            .args([test, "--exact", "--nocapture", "--test-threads", "1"])
+            .env(ROLE, role)
+            .env("RANK", rank.to_string())
+            .env("WORLD_SIZE", world.to_string())
+            .env("MASTER_ADDR", "127.0.0.1")
+            .env("MASTER_PORT", &port)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn")
+    };
+    let mut job: Vec<_> = (0..2).map(|rank| spawn("hold", rank, 2)).collect();
+    // Both ranks have met once each prints READY (each waits at most its own timeout).
+    let mut outputs = Vec::new();
+    for child in &mut job {
+        let mut reader = BufReader::new(child.stdout.take().expect("stdout"));
+        let mut seen = String::new();
+        while !seen.contains("READY") {
+            let mut line = String::new();
+            let read = reader.read_line(&mut line).expect("read");
+            assert!(read > 0, "a rank of the job ended before meeting: {seen}");
+            seen.push_str(&line);
+        }
+        outputs.push(reader);
+    }
+    for (rank, world) in [(1, 2), (2, 3)] {
+        let start = Instant::now();
+        let intruder = spawn("intrude", rank, world)
+            .wait_with_output()
+            .expect("wait");
+        assert!(
+            intruder.status.success(),
+            "rank {rank} of {world}: {}",
+            String::from_utf8_lossy(&intruder.stderr)
+        );
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "rank {rank} of {world} waited {:?}",
+            start.elapsed()
+        );
+    }
+    for child in &mut job {
+        drop(child.stdin.take()); // the ranks' signal to finish
+    }
+    for (rank, (child, mut stdout)) in job.into_iter().zip(outputs).enumerate() {
+        let mut rest = String::new();
+        stdout.read_to_string(&mut rest).expect("read");
+        let output = child.wait_with_output().expect("wait");
+        assert!(
+            output.status.success(),
+            "rank {rank}: {rest}\n{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
     }
 }
