@@ -536,6 +536,12 @@ fn signals_save_a_checkpoint_and_exit_non_zero() {
     }
 }
 
+/// The step of the newest checkpoint in `folder` (whose state reads), if any.
+fn latest_step(folder: &Path) -> Option<i64> {
+    let latest = refa_loss::train::latest_checkpoint(folder)?;
+    TrainerState::read(&latest).ok().map(|s| s.step)
+}
+
 /// Killed (SIGKILL) at random points of a run that saves and prunes every step: every
 /// visible checkpoint loads, no hidden leftovers are visible as checkpoints, and resuming
 /// from the latest continues with a metrics log that holds each step once.
@@ -562,16 +568,26 @@ fn kills_during_saving_and_pruning_leave_every_visible_checkpoint_loadable() {
         // before its first.
         let mut args = base.to_vec();
         args.extend_from_slice(&["--resume", "latest"]);
+        let before = latest_step(dir.path());
         let mut child = command("train_mistral", &args)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
             .expect("spawn");
-        wait_for_file(
-            &dir.path().join("metrics.jsonl"),
-            &mut child,
-            Duration::from_secs(60),
-        );
+        // Killed only once it saves (on a loaded machine its start alone can outlast the
+        // random delay below), at a random moment of its saving and pruning.
+        let start = Instant::now();
+        while latest_step(dir.path()) <= before {
+            assert!(
+                child.try_wait().expect("child").is_none(),
+                "round {round}: the run ended early"
+            );
+            assert!(
+                start.elapsed() < Duration::from_secs(120),
+                "round {round}: no checkpoint"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
         random ^= random << 13;
         random ^= random >> 7;
         random ^= random << 17;
