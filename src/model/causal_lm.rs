@@ -235,9 +235,9 @@ impl CausalLm {
         self.lm_head.as_ref().unwrap_or(&self.embed)
     }
 
-    /// The scoring settings of this model: `base` with its EOS id and the LM head's
-    /// soft cap (Gemma 2), so that the chunked scorer computes this model's
-    /// log-probabilities.
+    /// The scoring settings of this model: `base` with the LM head's soft cap (Gemma 2's
+    /// `final_logit_softcapping`, else none), so that the chunked scorer computes this
+    /// model's log-probabilities. The trainer applies it to its configuration itself.
     pub fn scoring_config(&self, base: crate::scoring::ScoringConfig) -> crate::scoring::ScoringConfig {
         crate::scoring::ScoringConfig {
             logit_softcap: self.config.switches.final_softcap,
