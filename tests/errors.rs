@@ -1208,6 +1208,19 @@ mod data {
         assert_eq!(line, 2);
     }
 
+    /// Shards whose extension is in capitals are read with the others, not left out.
+    #[test]
+    fn shard_extensions_match_in_any_case() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::write(dir.path().join("a.jsonl"), format!("{SIMPLE}\n")).expect("write");
+        std::fs::write(dir.path().join("b.JSONL"), format!("{MULTI}\n")).expect("write");
+        let report = read_dataset(dir.path(), DataFormat::Auto, ScoreField::Overall, false);
+        assert_eq!(
+            report.expect("reads").records,
+            records(&format!("{SIMPLE}\n{MULTI}\n"))
+        );
+    }
+
     /// A shard that is a symbolic link to nothing names the link's target.
     #[test]
     fn a_dangling_symbolic_link_names_its_target() {
@@ -1351,6 +1364,56 @@ mod parquet_data {
         assert_eq!(report.records[0].responses[1].score, -1.2);
         let last = report.origin(6399).expect("origin");
         assert_eq!(last, format!("{}, row 6400", path.display()));
+    }
+
+    /// Text in a binary column without the UTF-8 annotation (as Spark and Impala write it)
+    /// reads as its text, not as base64; binary data that is not UTF-8 is named where it is
+    /// read as text.
+    #[test]
+    fn binary_columns_read_as_their_text() {
+        use parquet::data_type::{ByteArray, ByteArrayType};
+        use parquet::file::writer::SerializedFileWriter;
+        use parquet::schema::parser::parse_message_type;
+
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("binary.parquet");
+        let schema = parse_message_type(
+            "message m { REQUIRED BYTE_ARRAY prompt; REQUIRED BYTE_ARRAY chosen; \
+             REQUIRED BYTE_ARRAY rejected; }",
+        )
+        .expect("schema");
+        let file = std::fs::File::create(&path).expect("create");
+        let properties = Arc::new(WriterProperties::builder().build());
+        let mut writer =
+            SerializedFileWriter::new(file, Arc::new(schema), properties).expect("writer");
+        let mut group = writer.next_row_group().expect("row group");
+        let columns: [[&[u8]; 2]; 3] = [
+            [b"Hi", b"Bye"],
+            [b"Hello!", b"Ciao"],
+            [b"Go away.", b"\xff\xfe"],
+        ];
+        for values in columns {
+            let mut column = group.next_column().expect("column").expect("three columns");
+            let values: Vec<ByteArray> =
+                values.iter().map(|v| ByteArray::from(v.to_vec())).collect();
+            column
+                .typed::<ByteArrayType>()
+                .write_batch(&values, None, None)
+                .expect("write");
+            column.close().expect("close");
+        }
+        group.close().expect("close");
+        writer.close().expect("close");
+        let report =
+            read_dataset(&path, DataFormat::Auto, ScoreField::Overall, true).expect("reads");
+        assert_eq!(report.records.len(), 1);
+        assert_eq!(report.records[0].prompt, "Hi");
+        assert_eq!(report.records[0].responses[0].text, "Hello!");
+        assert_eq!(
+            report.skipped[0].1,
+            "row 2: `rejected` is 2 bytes of binary data, not UTF-8 text, expected a string or \
+             a list of messages ({\"role\": …, \"content\": …})"
+        );
     }
 
     /// A NaN or infinite float in a score column is named by its row and field (the parquet

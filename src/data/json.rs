@@ -8,23 +8,23 @@ use serde_json::{Map, Value};
 /// A record, or why it cannot be read.
 pub(super) type Parsed<T> = std::result::Result<T, String>;
 
-/// Stands in for a number JSON cannot hold, followed by what it was: Python's `NaN`,
+/// Stands in for a value JSON cannot hold, followed by what it was: Python's `NaN`,
 /// `Infinity` and `-Infinity` (what `json.dumps` writes for `float('nan')` and
-/// `float('inf')`), a literal beyond f64 such as `1e400`, or a NaN or infinite float of a
-/// parquet file. The record still parses, so the field that holds the number is named when
-/// it is read (and a field that is not read does not matter). The NULs keep it apart from
-/// any text a dataset holds in practice.
-const NON_FINITE: &str = "\u{0}refa-loss: not a finite number\u{0}";
+/// `float('inf')`), a literal beyond f64 such as `1e400`, a NaN or infinite float of a
+/// parquet file, or binary data of one that is not UTF-8 text. The record still parses, so
+/// the field that holds the value is named when it is read (and a field that is not read
+/// does not matter). The NULs keep it apart from any text a dataset holds in practice.
+const STAND_IN: &str = "\u{0}refa-loss: a value JSON cannot hold\u{0}";
 
-/// The stand-in for a non-finite number, `description` saying what it was (`NaN, which JSON
-/// does not allow …`, `a NaN float`).
-pub(super) fn non_finite(description: &str) -> Value {
-    Value::String(format!("{NON_FINITE}{description}"))
+/// The stand-in for a value JSON cannot hold, `description` saying what it was (`NaN, which
+/// JSON does not allow …`, `a NaN float`, `12 bytes of binary data`).
+pub(super) fn stand_in(description: &str) -> Value {
+    Value::String(format!("{STAND_IN}{description}"))
 }
 
-/// What a stand-in made by [`non_finite`] stands for.
-fn non_finite_literal(text: &str) -> Option<&str> {
-    text.strip_prefix(NON_FINITE)
+/// What a stand-in made by [`stand_in`] stands for.
+fn stood_in(text: &str) -> Option<&str> {
+    text.strip_prefix(STAND_IN)
 }
 
 /// What the JSON literal `literal` (outside the JSON grammar, or beyond f64) is.
@@ -114,7 +114,7 @@ fn syntax_message(error: &serde_json::Error, text: &str, place: Place) -> String
 }
 
 /// `text` with each number JSON cannot hold outside strings (`NaN`, `Infinity`,
-/// `-Infinity`, a literal beyond f64) replaced by its [`non_finite`] stand-in, or `None`
+/// `-Infinity`, a literal beyond f64) replaced by its [`stand_in`], or `None`
 /// where there is none.
 fn mark_non_finite(text: &str) -> Option<String> {
     let bytes = text.as_bytes();
@@ -149,7 +149,7 @@ fn mark_non_finite(text: &str) -> Option<String> {
                 match end {
                     Some(len) => {
                         marked.push_str(&text[copied..at]);
-                        marked.push_str(&non_finite(&describe_literal(&rest[..len])).to_string());
+                        marked.push_str(&stand_in(&describe_literal(&rest[..len])).to_string());
                         at += len;
                         copied = at;
                     }
@@ -299,7 +299,7 @@ fn describe(value: &Value) -> String {
         Value::Null => "null".to_string(),
         Value::Bool(b) => b.to_string(),
         Value::Number(n) => format!("the number {n}"),
-        Value::String(s) => match non_finite_literal(s) {
+        Value::String(s) => match stood_in(s) {
             Some(literal) => literal.to_string(),
             None => {
                 let excerpt: String = s.chars().take(40).collect();
@@ -432,16 +432,14 @@ impl<'a> Node<'a> {
     /// The text this node holds.
     pub fn string(&self) -> Parsed<String> {
         match self.value {
-            Value::String(s) if non_finite_literal(s).is_none() => Ok(s.clone()),
+            Value::String(s) if stood_in(s).is_none() => Ok(s.clone()),
             _ => Err(self.wrong("a string")),
         }
     }
 
     /// The text this node holds, or `None` where it holds something else.
     pub fn as_text(&self) -> Option<&'a str> {
-        self.value
-            .as_str()
-            .filter(|s| non_finite_literal(s).is_none())
+        self.value.as_str().filter(|s| stood_in(s).is_none())
     }
 
     /// A score: a JSON number (or, with `strings`, a string that holds one, as UltraFeedback
@@ -450,7 +448,7 @@ impl<'a> Node<'a> {
         const REQUIREMENT: &str = "a finite number (scores must be finite numbers)";
         let number = match self.value {
             Value::Number(n) => n.as_f64(),
-            Value::String(s) if non_finite_literal(s).is_some() => None,
+            Value::String(s) if stood_in(s).is_some() => None,
             Value::String(s) if strings => match s.trim().parse::<f64>() {
                 Ok(x) if x.is_finite() => Some(x),
                 _ => None,

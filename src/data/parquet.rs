@@ -151,7 +151,8 @@ fn row_json<'a>(fields: impl Iterator<Item = (&'a String, &'a Field)>, size: &mu
 
 /// A field as JSON, as `Field::to_json_value` writes it, except that a NaN or infinite
 /// float (which JSON cannot hold; `to_json_value` makes it null) becomes a stand-in that
-/// names it; `size` grows by what it takes.
+/// names it, binary data its UTF-8 text (or a stand-in), and a decimal a number; `size`
+/// grows by what it takes.
 fn field_json(field: &Field, size: &mut u64) -> Value {
     *size = size.saturating_add(VALUE_BYTES);
     let float = match field {
@@ -161,8 +162,8 @@ fn field_json(field: &Field, size: &mut u64) -> Value {
         _ => None,
     };
     match field {
-        _ if float.is_some_and(f64::is_nan) => super::json::non_finite("a NaN float"),
-        _ if float.is_some_and(f64::is_infinite) => super::json::non_finite(&format!(
+        _ if float.is_some_and(f64::is_nan) => super::json::stand_in("a NaN float"),
+        _ if float.is_some_and(f64::is_infinite) => super::json::stand_in(&format!(
             "an infinite float ({})",
             float.unwrap_or_default()
         )),
@@ -173,6 +174,28 @@ fn field_json(field: &Field, size: &mut u64) -> Value {
                 .map(|f| field_json(f, size))
                 .collect(),
         ),
+        // A column of binary values (Spark and Impala write text so, without the UTF-8
+        // annotation): its text where it is UTF-8, as Spark's `binaryAsString` reads it,
+        // never the base64 that `to_json_value` writes.
+        Field::Bytes(bytes) => match std::str::from_utf8(bytes.data()) {
+            Ok(text) => {
+                *size = size.saturating_add(text.len() as u64);
+                Value::String(text.to_string())
+            }
+            Err(_) => super::json::stand_in(&format!(
+                "{} bytes of binary data, not UTF-8 text",
+                bytes.data().len()
+            )),
+        },
+        // A decimal column is a number (`to_json_value` writes its digits as a string).
+        Field::Decimal(_) => match field.to_json_value() {
+            Value::String(digits) => digits
+                .parse::<f64>()
+                .ok()
+                .and_then(serde_json::Number::from_f64)
+                .map_or(Value::String(digits), Value::Number),
+            other => other,
+        },
         Field::MapInternal(map) => Value::Object(
             map.entries()
                 .iter()

@@ -184,7 +184,9 @@ fn read_files(
     let mut report = ReadReport::default();
     for file in &files {
         let source = file.display().to_string();
-        let is_parquet = file.extension().is_some_and(|x| x == "parquet");
+        let is_parquet = file
+            .extension()
+            .is_some_and(|x| x.eq_ignore_ascii_case("parquet"));
         let part = if is_parquet && extensions.contains(&"parquet") {
             parse_parquet(file, format, score, skip_bad_lines)?
         } else {
@@ -212,8 +214,9 @@ pub(super) fn read_error(file: &Path, error: std::io::Error) -> RefaError {
     }
 }
 
-/// `path` itself, or the files of the folder `path` with one of `extensions`, in name order
-/// (at least one; a folder without any is an error that lists what it holds).
+/// `path` itself, or the files of the folder `path` with one of `extensions` (in any case:
+/// `.JSONL` too), in name order (at least one; a folder without any is an error that lists
+/// what it holds).
 fn data_files(path: &Path, extensions: &[&str]) -> Result<Vec<std::path::PathBuf>> {
     if !path.is_dir() {
         return Ok(vec![path.to_path_buf()]);
@@ -226,7 +229,7 @@ fn data_files(path: &Path, extensions: &[&str]) -> Result<Vec<std::path::PathBuf
         let wanted = file
             .extension()
             .and_then(|x| x.to_str())
-            .is_some_and(|x| extensions.contains(&x));
+            .is_some_and(|x| extensions.iter().any(|e| e.eq_ignore_ascii_case(x)));
         match wanted {
             true => files.push(file),
             false => others.push(entry.file_name().to_string_lossy().into_owned()),
