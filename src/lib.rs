@@ -93,8 +93,12 @@ pub mod analysis;
 pub mod loss;
 #[cfg(feature = "model")]
 pub mod model;
+#[cfg(feature = "trainer")]
+pub mod on_policy;
 mod partition;
 mod reduce;
+#[cfg(feature = "model")]
+pub mod reward;
 pub mod scoring;
 #[cfg(feature = "trainer")]
 pub mod train;

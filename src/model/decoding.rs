@@ -78,10 +78,8 @@ impl<'m> DecodeBatch<'m> {
         let index: Vec<i64> = rows.iter().map(|&r| r as i64).collect();
         let index = Tensor::from_slice(&index).to(self.device);
         for layer in &mut self.cache {
-            for tensor in [&mut layer.keys, &mut layer.values] {
-                if let Some(t) = tensor {
-                    *t = t.index_select(0, &index);
-                }
+            for t in [&mut layer.keys, &mut layer.values].into_iter().flatten() {
+                *t = t.index_select(0, &index);
             }
         }
         self.valid = self.valid.index_select(0, &index);
@@ -157,10 +155,8 @@ impl<'m> DecodeBatch<'m> {
             return;
         }
         for layer in &mut self.cache {
-            for tensor in [&mut layer.keys, &mut layer.values] {
-                if let Some(t) = tensor {
-                    *t = t.narrow(2, common, t.size()[2] - common);
-                }
+            for t in [&mut layer.keys, &mut layer.values].into_iter().flatten() {
+                *t = t.narrow(2, common, t.size()[2] - common);
             }
         }
         self.valid = self.valid.narrow(1, common, self.columns - common);
