@@ -1509,3 +1509,79 @@ mod marked_files {
         assert!(err.to_string().contains("chat template"), "{err}");
     }
 }
+
+/// Text made of JSON's punctuation, Python's non-finite literals, escapes and multi-byte
+/// characters, read as JSONL and as a JSON array: records or a named error, never a panic,
+/// and every score read is finite and within f32.
+#[cfg(feature = "trainer")]
+mod data_fuzz {
+    use proptest::prelude::*;
+    use refa_loss::data::{parse_jsonl_bytes, DataFormat, ScoreField};
+
+    const PIECES: &[&str] = &[
+        "[",
+        "]",
+        "{",
+        "}",
+        ",",
+        ":",
+        "\"",
+        "\\",
+        "\n",
+        "\r",
+        " ",
+        "NaN",
+        "-Infinity",
+        "Infinity",
+        "1e400",
+        "1e300",
+        "-3.5",
+        "0",
+        "null",
+        "true",
+        "\u{feff}",
+        "é",
+        "\"prompt\"",
+        "\"responses\"",
+        "\"text\"",
+        "\"score\"",
+        "\"chosen\"",
+        "\"rejected\"",
+        "\"all_generated_responses\"",
+        "\"all_rm_scores\"",
+        "\"completions\"",
+        "\"response\"",
+        "\"overall_score\"",
+        "\"instruction\"",
+        "\"a\"",
+        "{\"prompt\": \"p\", \"responses\": [{\"text\": \"a\", \"score\": ",
+    ];
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 512, rng_seed: proptest::test_runner::RngSeed::Fixed(0x0DA7_A5EE), ..ProptestConfig::default() })]
+
+        #[test]
+        fn json_like_text_never_panics_the_readers(
+            pieces in prop::collection::vec(prop::sample::select(PIECES), 0..60),
+            array in any::<bool>(),
+            skip in any::<bool>(),
+        ) {
+            let mut text = String::from(if array { "[" } else { "" });
+            text.extend(pieces);
+            for format in [DataFormat::Auto, DataFormat::Simple, DataFormat::Pairwise] {
+                if let Ok(report) =
+                    parse_jsonl_bytes(text.as_bytes(), "fuzz", format, ScoreField::Overall, skip)
+                {
+                    for record in &report.records {
+                        for response in &record.responses {
+                            prop_assert!((response.score as f32).is_finite(), "{text:?}");
+                        }
+                    }
+                    for (index, _) in report.records.iter().enumerate() {
+                        prop_assert!(report.origin(index).is_some());
+                    }
+                }
+            }
+        }
+    }
+}
