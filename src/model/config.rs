@@ -93,11 +93,22 @@ impl ModelConfig {
     /// The `config.json` text transformers reads back: every key of the file read, verbatim,
     /// except the values changed on this struct since (written over them) and `torch_dtype`
     /// (and `dtype`, where the file had it), set to the saved kind.
+    ///
+    /// # Errors
+    /// A family, RoPE or switch changed on the struct since it was read: those are written
+    /// as the file spelled them, so a change could not be saved faithfully.
     pub fn to_json(&self, torch_dtype: &str) -> Result<String> {
         let read = Keys::new(&self.raw)?.read()?;
+        if self.family != read.family || self.rope != read.rope || self.switches != read.switches {
+            return Err(RefaError::config(
+                "config.json",
+                "the family, RoPE settings or switches were changed on this ModelConfig after \
+                 it was read; edit config.json itself (ModelConfig::from_json) instead",
+            ));
+        }
         let mut value = self.raw.clone();
         let mut set_changed = |key: &str, now: Value, before: Value| {
-            if now != before || !value.contains_key(key) {
+            if now != before {
                 value.insert(key.to_string(), now);
             }
         };
@@ -110,6 +121,7 @@ impl ModelConfig {
             ("num_attention_heads", self.num_attention_heads, read.num_attention_heads),
             ("num_key_value_heads", self.num_key_value_heads, read.num_key_value_heads),
             ("head_dim", self.head_dim, read.head_dim),
+            ("max_position_embeddings", self.max_position_embeddings, read.max_position_embeddings),
             ("bos_token_id", self.bos_token_id, read.bos_token_id),
         ] {
             set_changed(key, now.into(), before.into());
@@ -124,6 +136,8 @@ impl ModelConfig {
             }
         };
         set_changed("eos_token_id", eos(self), eos(&read));
+        let pad = |c: &ModelConfig| -> Value { c.pad_token_id.into() };
+        set_changed("pad_token_id", pad(self), pad(&read));
         if self.sliding_window != read.sliding_window || self.sliding_layers != read.sliding_layers
         {
             value.insert("sliding_window".into(), self.sliding_window.into());
