@@ -93,6 +93,8 @@ pub mod analysis;
 pub mod loss;
 #[cfg(feature = "model")]
 pub mod model;
+#[cfg(feature = "trainer")]
+pub mod on_policy;
 mod partition;
 mod reduce;
 #[cfg(feature = "model")]
