@@ -30,9 +30,12 @@ const VARIANTS: &[&str] = &[
 /// Ragged lengths with an empty slot and sequences longer than every window.
 const LENGTHS: &[usize] = &[70, 5, 0, 33, 1, 52];
 
+/// A fixture folder: under `REFA_FIXTURES` when set (the GPU machine's copy, see
+/// `scripts/gpu-bench --build`), else the repository's `tests/fixtures/families`.
 fn fixture(variant: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures/families")
+    std::env::var_os("REFA_FIXTURES")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/families"))
         .join(variant)
 }
 

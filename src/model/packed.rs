@@ -27,6 +27,22 @@
 //! turns its hidden states `[1, total, H]` into the padded layout the chunked scorer reads,
 //! the one [`collate`](crate::data::collate) (or
 //! [`collate_shared`](crate::data::collate_shared)) labels.
+//!
+//! A trainer's micro-batch, packed (`examples` as the trainer collates them; `lengths` the
+//! rows' token counts, 0 for an empty slot, known on the host):
+//!
+//! ```text
+//! let batch = collate(&examples, pad_id, device);               // labels [N, T] on the host
+//! let packed = PackedBatch::from_right_padded(&batch.input_ids, &lengths)?;
+//! let options = ForwardOptions { train: true, recompute, ..ForwardOptions::default() };
+//! let pass = model.forward_packed(&packed, &options)?;          // hidden [1, total, H]
+//! let hidden = packed.unpack(&pass.hidden)?;                    // [N, T, H], collate's layout
+//! preference_loss_backward(loss, &hidden, model.lm_head_weight(), &batch.labels, &scoring, &targets)?;
+//! pass.finish_backward(&model)?;
+//! ```
+//!
+//! With shared prompts: `PackedBatch::with_shared_prompts(&prompts, &responses, device)` and
+//! `collate_shared`'s labels, the rest unchanged.
 
 use tch::{Device, Kind, Tensor};
 
@@ -510,7 +526,7 @@ impl PackedAttention {
         Ok(out.contiguous().view([1, total, heads * d]))
     }
 
-    /// The block-diagonal path: `[1, total, heads, d]`, each segment attended on its own
+    /// The block-diagonal path: `[1, heads, total, d]`, each segment attended on its own
     /// with the padded path's `attend`.
     fn attend_segments(
         &self,
@@ -526,11 +542,19 @@ impl PackedAttention {
             .zip(masks)
             .map(|(segment, mask)| {
                 let own = |t: &Tensor| t.narrow(2, segment.start, segment.len);
-                let keys = |t: &Tensor| match segment.prefix {
+                let with_prefix = |t: &Tensor| match segment.prefix {
                     Some((start, len)) => Tensor::cat(&[t.narrow(2, start, len), own(t)], 2),
                     None => own(t),
                 };
-                attend(&own(q), &keys(k), &keys(v), mask, scoring)
+                if mask.mask.is_some() || segment.prefix.is_none() {
+                    return attend(&own(q), &with_prefix(k), &with_prefix(v), mask, scoring);
+                }
+                // A response after its prompt, without a binding window: the prompt's queries
+                // go first so that plain causal attention (whose kernel skips the masked
+                // blocks) is exact, and their outputs are dropped. An explicit mask would
+                // make the kernel compute every block.
+                let out = attend(&with_prefix(q), &with_prefix(k), &with_prefix(v), mask, scoring);
+                out.narrow(2, segment.keys() - segment.len, segment.len)
             })
             .collect();
         Tensor::cat(&outputs, 2)
@@ -605,24 +629,20 @@ impl FlashPlan {
 
 /// The mask of one segment for the block-diagonal path: query `i` (at position `p + i`
 /// after a prefix of `p` keys) sees key `j` when `j <= p + i` and, with a window `w`,
-/// `p + i − j < w`. No mask (plain causal attention) when there is no prefix and the window
-/// does not bind.
+/// `p + i − j < w`. No mask (plain causal attention, with the prefix's queries put first
+/// when there is a prefix) when the window does not bind.
 fn segment_mask(segment: &Segment, window: Option<i64>, device: Device) -> LayerMask {
     let prefix = segment.prefix.map_or(0, |(_, len)| len);
     let keys = segment.keys();
-    let window = window.filter(|&w| w < keys);
-    if prefix == 0 && window.is_none() {
+    let Some(w) = window.filter(|&w| w < keys) else {
         return LayerMask {
             mask: None,
             causal: true,
         };
-    }
+    };
     let query = Tensor::arange_start(prefix, keys, (Kind::Int64, device)).unsqueeze(1);
     let key = Tensor::arange(keys, (Kind::Int64, device)).unsqueeze(0);
-    let mut allowed = key.le_tensor(&query);
-    if let Some(w) = window {
-        allowed = allowed.logical_and(&(&query - &key).lt(w));
-    }
+    let allowed = key.le_tensor(&query).logical_and(&(&query - &key).lt(w));
     LayerMask {
         mask: Some(allowed.view([1, 1, segment.len, keys])),
         causal: false,
