@@ -23,17 +23,15 @@ use std::sync::atomic::AtomicBool;
 use clap::Parser;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
+use refa_loss::cli;
 use refa_loss::data::{split_eval, TokenizedExample};
-use refa_loss::model::{ChatTemplate, ChatTokenizer, GenerationOptions, CausalLm, ModelConfig};
+use refa_loss::model::{CausalLm, ChatTemplate, ChatTokenizer, GenerationOptions, ModelConfig};
 use refa_loss::train::{CosineSchedule, Recompute, TrainConfig, Trainer};
 use refa_loss::{
     EosMode, EosRegularizer, LossMetrics, LossOutput, PreferenceBatch, PreferenceLoss, RefaDynamic,
     Result as RefaResult, TargetLength,
 };
 use tch::{Device, Kind};
-
-const TINY_CONFIG: &str = include_str!("data/tiny-config.json");
-const SAMPLE_TOKENIZER: &str = include_str!("data/tokenizer.json");
 
 #[derive(Parser, Debug)]
 #[command(about = "The EOS regularizer's effect on generated length, on a synthetic counting task")]
@@ -149,8 +147,8 @@ fn main() {
 
 fn run(args: Args) -> anyhow::Result<()> {
     tch::set_num_threads(2);
-    let tokenizer =
-        ChatTokenizer::from_json(SAMPLE_TOKENIZER, ChatTemplate::MistralInstruct, 1, 2)?;
+    let tiny = ModelConfig::from_json(cli::TINY_CONFIG)?;
+    let tokenizer = cli::sample_tokenizer(ChatTemplate::MistralInstruct, &tiny)?;
     let settings: [(&str, Option<EosRegularizer>); 3] = [
         ("lambda = 0", None),
         (
@@ -226,13 +224,7 @@ fn train_sft(
             })
         })
         .collect::<RefaResult<_>>()?;
-    let model = CausalLm::new(
-        ModelConfig::from_json(TINY_CONFIG)?,
-        Device::Cpu,
-        Kind::Float,
-        None,
-    )?;
-    model.init_random(seed as i64);
+    let model = cli::tiny_model(Device::Cpu, Kind::Float, None, seed)?;
     let config = train_config(dir, seed, args.sft_steps, 3e-3, 8);
     train(model, Box::new(NextToken), examples, config)
 }

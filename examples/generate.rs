@@ -12,13 +12,11 @@
 #[path = "common/mod.rs"]
 mod common;
 
-use anyhow::Context;
-
 use std::path::PathBuf;
 
-use common::CheckpointArgs;
-
+use anyhow::Context;
 use clap::Parser;
+use refa_loss::cli::CheckpointArgs;
 use refa_loss::model::{GenerationOptions, SampleOptions};
 
 #[derive(Parser, Debug)]
@@ -73,13 +71,10 @@ fn run(args: Args) -> anyhow::Result<()> {
         anyhow::bail!("no prompt to answer (the prompt file is empty, or --limit 0)");
     }
     let (model, tokenizer) = args.checkpoint.load()?;
-    let generator = args.generator.clone().unwrap_or_else(|| {
-        args.checkpoint
-            .model
-            .file_name()
-            .map(|n| n.to_string_lossy().to_string())
-            .unwrap_or_else(|| "refa-loss".into())
-    });
+    let generator = args
+        .generator
+        .clone()
+        .unwrap_or_else(|| args.checkpoint.name());
     let ids = prompts
         .iter()
         .map(|prompt| tokenizer.encode_prompt(prompt))
@@ -96,7 +91,10 @@ fn run(args: Args) -> anyhow::Result<()> {
     let mut outputs = Vec::with_capacity(prompts.len());
     let mut lengths = Vec::with_capacity(prompts.len());
     for (prompt, answers) in prompts.iter().zip(&samples.completions) {
-        let new = answers.first().map(|a| a.tokens.as_slice()).unwrap_or_default();
+        let new = answers
+            .first()
+            .map(|a| a.tokens.as_slice())
+            .unwrap_or_default();
         let text = tokenizer.decode(new)?;
         lengths.push(text.chars().count());
         outputs.push(

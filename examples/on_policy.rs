@@ -20,35 +20,30 @@
 #[path = "common/mod.rs"]
 mod common;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};
 use clap::Parser;
 use refa_loss::analysis::{render_png, Panel, Series};
-use refa_loss::model::{
-    CausalLm, ChatTemplate, ChatTokenizer, GenerationOptions, LoraConfig, ModelConfig,
-    SampleOptions, TemplateChoice,
-};
+use refa_loss::cli::{DeviceArgs, LoraArgs, ModelArgs};
+use refa_loss::model::{CausalLm, ChatTokenizer, GenerationOptions, SampleOptions};
 use refa_loss::on_policy::{
-    append_round, collect_round, evaluate_heldout, instruction_prompts, read_rounds,
-    train_round, RoundRecord,
+    append_round, collect_round, evaluate_heldout, instruction_prompts, read_rounds, train_round,
+    RoundRecord,
 };
 use refa_loss::reward::{CommandReward, InstructionReward, Reward};
 use refa_loss::scoring::ScoringConfig;
 use refa_loss::train::{CosineSchedule, Recompute, TrainConfig};
 use refa_loss::LossConfig;
-use tch::Device;
-
-const TINY_CONFIG: &str = include_str!("data/tiny-config.json");
-const SAMPLE_TOKENIZER: &str = include_str!("data/tokenizer.json");
 
 #[derive(Parser, Debug)]
-#[command(about = "On-policy rounds: sample K answers, score them, train, evaluate held-out prompts")]
+#[command(
+    about = "On-policy rounds: sample K answers, score them, train, evaluate held-out prompts"
+)]
 struct Args {
-    /// Hugging Face checkpoint folder to tune (config.json, safetensors, tokenizer.json, chat
-    /// template). Default: the bundled tiny random model.
-    #[arg(long)]
-    model: Option<PathBuf>,
+    /// The model to tune (default: the bundled tiny random model) and its tokenizer.
+    #[command(flatten)]
+    model: ModelArgs,
     /// Rounds of sample → score → train → evaluate.
     #[arg(long, default_value_t = 1)]
     rounds: usize,
@@ -87,9 +82,10 @@ struct Args {
     /// Prompts per micro-batch (each with its K answers).
     #[arg(long, default_value_t = 4)]
     prompts_per_batch: usize,
-    /// LoRA rank (0: full fine-tuning).
-    #[arg(long, default_value_t = 0)]
-    lora_rank: i64,
+    #[command(flatten)]
+    lora: LoraArgs,
+    #[command(flatten)]
+    device: DeviceArgs,
     /// Seed of the prompt split, sampling, data order and dropout.
     #[arg(long, default_value_t = 0)]
     seed: u64,
@@ -118,7 +114,8 @@ fn run(args: Args) -> anyhow::Result<()> {
     }
     let resume_from = done.last().and_then(|r| r.checkpoint.clone());
     let (mut model, tokenizer) = load(&args, resume_from.as_deref())?;
-    let (train_prompts, heldout) = instruction_prompts(args.seed, args.train_topics, args.heldout_topics)?;
+    let (train_prompts, heldout) =
+        instruction_prompts(args.seed, args.train_topics, args.heldout_topics)?;
     let reward = reward(&args)?;
     println!(
         "{} training and {} held-out prompts, K = {}, loss {:?}, reward: {}",
@@ -133,11 +130,26 @@ fn run(args: Args) -> anyhow::Result<()> {
     let mut history = done.clone();
     history.iter().for_each(print_row);
     if history.is_empty() {
-        let before = evaluate_heldout(&model, &tokenizer, &heldout, reward.as_ref(), args.max_new_tokens)?;
+        let before = evaluate_heldout(
+            &model,
+            &tokenizer,
+            &heldout,
+            reward.as_ref(),
+            args.max_new_tokens,
+        )?;
         record(&args, &mut history, RoundRecord::with_heldout(0, &before))?;
     }
     for round in history.len()..=args.rounds {
-        model = one_round(&args, round, model, &tokenizer, &train_prompts, &heldout, reward.as_ref(), &mut history)?;
+        model = one_round(
+            &args,
+            round,
+            model,
+            &tokenizer,
+            &train_prompts,
+            &heldout,
+            reward.as_ref(),
+            &mut history,
+        )?;
     }
     plot(&args, &history)?;
     Ok(())
@@ -163,16 +175,30 @@ fn one_round(
         seed: (args.seed * 1000 + round as u64) as i64,
         stop_token_id: Some(tokenizer.end_of_turn_id()),
     };
-    let data = collect_round(&model, tokenizer, prompts, reward, &SampleOptions::new(args.samples, generation))?;
+    let data = collect_round(
+        &model,
+        tokenizer,
+        prompts,
+        reward,
+        &SampleOptions::new(args.samples, generation),
+    )?;
     std::fs::create_dir_all(&folder)?;
     refa_loss::reward::write_multi_response(folder.join("answers.jsonl"), &data.records)?;
     let examples = data.examples.len();
     let (model, checkpoint, loss) = if examples == 0 {
-        println!("round {round}: every prompt's {} answers scored the same; nothing to train on", args.samples);
+        println!(
+            "round {round}: every prompt's {} answers scored the same; nothing to train on",
+            args.samples
+        );
         (model, None, None)
     } else {
-        let (model, checkpoint, steps) =
-            train_round(model, args.loss.build()?, data.examples, train_config(args, &folder, tokenizer), args.epochs)?;
+        let (model, checkpoint, steps) = train_round(
+            model,
+            args.loss.build()?,
+            data.examples,
+            train_config(args, &folder, tokenizer),
+            args.epochs,
+        )?;
         let loss = steps.iter().map(|s| s.loss).sum::<f64>() / steps.len().max(1) as f64;
         (model, Some(checkpoint), Some(loss))
     };
@@ -188,7 +214,7 @@ fn one_round(
     Ok(model)
 }
 
-fn train_config(args: &Args, folder: &std::path::Path, tokenizer: &ChatTokenizer) -> TrainConfig {
+fn train_config(args: &Args, folder: &Path, tokenizer: &ChatTokenizer) -> TrainConfig {
     TrainConfig {
         prompts_per_batch: args.prompts_per_batch,
         accumulation_steps: 1,
@@ -208,27 +234,17 @@ fn train_config(args: &Args, folder: &std::path::Path, tokenizer: &ChatTokenizer
 }
 
 /// The model to tune (a finished round's checkpoint when resuming) and its tokenizer.
-fn load(args: &Args, checkpoint: Option<&std::path::Path>) -> anyhow::Result<(CausalLm, ChatTokenizer)> {
-    let device = refa_loss::device::cuda_if_available();
-    let kind = refa_loss::device::default_kind(device);
-    let lora = (args.lora_rank > 0).then(|| LoraConfig {
-        rank: args.lora_rank,
-        ..LoraConfig::default()
-    });
-    let Some(folder) = &args.model else {
-        let model = CausalLm::new(ModelConfig::from_json(TINY_CONFIG)?, Device::Cpu, kind, lora.as_ref())?;
-        model.init_random(args.seed as i64);
-        let config = model.config();
-        let tokenizer = ChatTokenizer::from_json(SAMPLE_TOKENIZER, ChatTemplate::MistralInstruct, config.bos_token_id, config.eos_token_id)?;
-        return Ok((model, tokenizer));
+fn load(args: &Args, checkpoint: Option<&Path>) -> anyhow::Result<(CausalLm, ChatTokenizer)> {
+    let (device, kind) = args.device.resolve(None)?;
+    let lora = args.lora.config()?;
+    let model = match checkpoint {
+        Some(weights) => CausalLm::from_pretrained(weights, device, kind, lora.as_ref())
+            .with_context(|| format!("loading {}", weights.display()))?,
+        None => args
+            .model
+            .load_model(device, kind, lora.as_ref(), args.seed)?,
     };
-    let weights = checkpoint.unwrap_or(folder);
-    let model = CausalLm::from_pretrained(weights, device, kind, lora.as_ref())
-        .with_context(|| format!("loading {}", weights.display()))?;
-    let config = model.config();
-    let tokenizer = ChatTokenizer::from_file(folder.join("tokenizer.json"), ChatTemplate::MistralInstruct, config.bos_token_id, config.eos_token_id)?
-        .with_checkpoint_template(folder, TemplateChoice::Auto)?;
-    tokenizer.check_fits(config.vocab_size)?;
+    let tokenizer = args.model.load_tokenizer(model.config())?;
     Ok((model, tokenizer))
 }
 

@@ -11,16 +11,12 @@
 //!     --dir DIR --dtype f32 --device cpu
 //! ```
 
-#[path = "common/mod.rs"]
-mod common;
-
-use common::{DType, DeviceName};
 use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::Parser;
-
-use refa_loss::model::{ForwardOptions, CausalLm, Padding};
+use refa_loss::cli::{error_message, DType, DeviceName};
+use refa_loss::model::{CausalLm, ForwardOptions, Padding};
 use refa_loss::scoring::{
     preference_loss_backward, score_hidden, PreferenceTargets, ScoringConfig,
 };
@@ -46,7 +42,7 @@ fn main() {
         Ok(true) => {}
         Ok(false) => std::process::exit(1),
         Err(error) => {
-            eprintln!("error: {error:#}");
+            eprintln!("error: {}", error_message(error.as_ref()));
             std::process::exit(1);
         }
     }

@@ -14,10 +14,9 @@ mod common;
 
 use std::path::PathBuf;
 
-use common::CheckpointArgs;
-
 use clap::Parser;
 use refa_loss::analysis::{length_buckets, render_png, response_nll, Panel, Series};
+use refa_loss::cli::{read_records, CheckpointArgs};
 use refa_loss::data::{tokenize_all, DataFormat, ScoreField};
 use refa_loss::scoring::ScoringConfig;
 
@@ -53,7 +52,7 @@ fn run(args: Args) -> anyhow::Result<()> {
     } else {
         DataFormat::Simple
     };
-    let report = common::read_records(args.data.as_deref(), format, ScoreField::Overall, false)?;
+    let report = read_records(args.data.as_deref(), format, ScoreField::Overall, false)?;
     // Every response counts here, preference or not.
     let examples = tokenize_all(&report.records, &tokenizer, 512, 2048)?;
     let samples = response_nll(

@@ -74,6 +74,8 @@
 
 mod batch;
 #[cfg(feature = "trainer")]
+pub mod cli;
+#[cfg(feature = "trainer")]
 pub mod data;
 pub mod device;
 #[cfg(feature = "distributed")]

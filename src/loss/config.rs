@@ -63,6 +63,8 @@ pub enum EosKind {
 #[cfg_attr(feature = "model", derive(serde::Serialize, serde::Deserialize))]
 #[cfg_attr(feature = "model", serde(default, deny_unknown_fields))]
 #[cfg_attr(feature = "trainer", derive(clap::Args))]
+// Flattened into a program's flags, this documentation must not become its `--help` text.
+#[cfg_attr(feature = "trainer", command(about = None, long_about = None))]
 pub struct LossConfig {
     /// The loss.
     #[cfg_attr(feature = "trainer", arg(long, value_enum, default_value_t = LossKind::RefaDynamic))]
