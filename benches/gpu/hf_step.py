@@ -13,8 +13,15 @@ Modes:
                bf16 weights with f32 master copies), AdamW(fused=True)
   f32          weights in f32, no autocast, AdamW(foreach) (the CPU comparison)
 
+Options for the stronger baselines (GPU):
+  --liger      Liger-Kernel's Triton kernels patched into Mistral before the model is built
+               (apply_liger_kernel_to_mistral: RMSNorm, RoPE, SwiGLU; its fused linear
+               cross-entropy is off, since the loss needs per-token log-probabilities); the
+               `liger-kernel` wheel must be importable
+  --compile    the model under torch.compile (default mode)
+
 Usage: python hf_step.py DIR --mode bf16 --device cuda [--warmup 2] [--steps 8]
-       [--peak-tflops 989] [--name NAME] [--model LABEL]
+       [--peak-tflops 989] [--name NAME] [--model LABEL] [--liger] [--compile]
 """
 import argparse
 import json
@@ -76,10 +83,10 @@ def refa_dynamic(logp, lengths, rewards, beta=3.0, gamma=2.0, alpha=0.01, power=
     return torch.where(active, per_prompt, 0.0).sum() / active.sum().clamp_min(1)
 
 
-def step(model, optimizer, batch, prompts, responses, autocast):
+def step(model, forward, optimizer, batch, prompts, responses, autocast):
     ids, mask, labels, rewards, _ = batch
     with torch.autocast(ids.device.type, dtype=torch.bfloat16, enabled=autocast):
-        logits = model(input_ids=ids, attention_mask=mask).logits
+        logits = forward(input_ids=ids, attention_mask=mask).logits
     logp = logits[:, :-1].float().log_softmax(-1)
     target = labels[:, 1:]
     valid = target != -100
@@ -105,6 +112,8 @@ def main():
     parser.add_argument("--name")
     parser.add_argument("--model", help="label of the model size in the output")
     parser.add_argument("--threads", type=int)
+    parser.add_argument("--liger", action="store_true")
+    parser.add_argument("--compile", action="store_true")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -114,8 +123,15 @@ def main():
         spec = json.load(f)
     torch.manual_seed(0)
     dtype = torch.bfloat16 if args.mode == "bf16" else torch.float32
+    if args.liger:
+        from liger_kernel.transformers import apply_liger_kernel_to_mistral
+
+        apply_liger_kernel_to_mistral(
+            rope=True, rms_norm=True, swiglu=True, cross_entropy=False, fused_linear_cross_entropy=False
+        )
     model = transformers.MistralForCausalLM(config).to(device=device, dtype=dtype)
     model.train()
+    forward = torch.compile(model) if args.compile else model
     fused = device.type == "cuda"
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, weight_decay=0.0, fused=fused)
     batch = build_batch(spec, config.vocab_size, device, 0)
@@ -123,14 +139,14 @@ def main():
     autocast = args.mode == "fp32-master"
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     for _ in range(args.warmup):
-        step(model, optimizer, batch, prompts, responses, autocast)
+        step(model, forward, optimizer, batch, prompts, responses, autocast)
     sync()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     times = []
     for _ in range(args.steps):
         start = time.perf_counter()
-        loss = step(model, optimizer, batch, prompts, responses, autocast)
+        loss = step(model, forward, optimizer, batch, prompts, responses, autocast)
         loss.item()
         sync()
         times.append(time.perf_counter() - start)
@@ -147,6 +163,7 @@ def main():
         "tokens": tokens,
         "padded_tokens": padded,
         "ms_per_step": seconds * 1e3,
+        "ms_fastest_step": min(times) * 1e3,
         "tokens_per_s": tokens / seconds,
         "tokens_per_s_padded": padded / seconds,
         "mfu": (6 * parameters * tokens / seconds / (args.peak_tflops * 1e12))
@@ -155,6 +172,8 @@ def main():
         "peak_allocated_bytes": torch.cuda.max_memory_allocated() if device.type == "cuda" else None,
         "torch": torch.__version__,
         "transformers": transformers.__version__,
+        "liger": args.liger,
+        "compile": args.compile,
     }
     print(json.dumps(record))
 
