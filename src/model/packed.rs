@@ -122,8 +122,27 @@ impl Segment {
     }
 }
 
-/// A micro-batch laid out as one row of tokens without padding (see the [module
-/// docs](self)).
+/// A micro-batch laid out as one row of tokens without padding: the sequences concatenated,
+/// each one's positions restarting at 0, attending only within itself (or, built by
+/// [`with_shared_prompts`](Self::with_shared_prompts), each prompt once and each response
+/// attending to its prompt's keys and values, then its own). [`CausalLm::forward_packed`]
+/// runs the model on it: on CUDA in bf16/f16 through libtorch's variable-length flash
+/// kernel, elsewhere one sequence at a time; the values and gradients are the padded path's.
+///
+/// A trainer's micro-batch, packed (`lengths`: the rows' token counts, 0 for an empty slot):
+///
+/// ```text
+/// let batch = collate(&examples, pad_id, device);               // labels [N, T] on the host
+/// let packed = PackedBatch::from_right_padded(&batch.input_ids, &lengths)?;
+/// let options = ForwardOptions { train: true, recompute, ..ForwardOptions::default() };
+/// let pass = model.forward_packed(&packed, &options)?;          // hidden [1, total, H]
+/// let hidden = packed.unpack(&pass.hidden)?;                    // [N, T, H], collate's layout
+/// preference_loss_backward(loss, &hidden, model.lm_head_weight(), &batch.labels, &scoring, &targets)?;
+/// pass.finish_backward(&model)?;
+/// ```
+///
+/// With shared prompts: [`with_shared_prompts`](Self::with_shared_prompts) and
+/// [`collate_shared`](crate::data::collate_shared)'s labels, the rest unchanged.
 ///
 /// # Shapes
 /// `total` packed positions: the sum of the sequence lengths (with shared prompts, the
