@@ -225,7 +225,7 @@ fn train_sft(
         })
         .collect::<RefaResult<_>>()?;
     let model = cli::tiny_model(Device::Cpu, Kind::Float, None, seed)?;
-    let config = train_config(dir, seed, args.sft_steps, 3e-3, 8);
+    let config = train_config(tokenizer, dir, seed, args.sft_steps, 3e-3, 8);
     train(model, Box::new(NextToken), examples, config)
 }
 
@@ -267,11 +267,26 @@ fn train_preference(
         model,
         loss,
         examples,
-        train_config(dir, seed, args.preference_steps, args.preference_lr, 4),
+        train_config(
+            tokenizer,
+            dir,
+            seed,
+            args.preference_steps,
+            args.preference_lr,
+            4,
+        ),
     )
 }
 
-fn train_config(dir: &Path, seed: u64, steps: i64, lr: f64, prompts: usize) -> TrainConfig {
+/// The run's settings; responses end, and are padded, as `tokenizer` says.
+fn train_config(
+    tokenizer: &ChatTokenizer,
+    dir: &Path,
+    seed: u64,
+    steps: i64,
+    lr: f64,
+    prompts: usize,
+) -> TrainConfig {
     TrainConfig {
         prompts_per_batch: prompts,
         max_steps: steps,
@@ -289,6 +304,7 @@ fn train_config(dir: &Path, seed: u64, steps: i64, lr: f64, prompts: usize) -> T
         recompute: Recompute::None,
         ..TrainConfig::default()
     }
+    .with_tokenizer(tokenizer)
 }
 
 fn train(

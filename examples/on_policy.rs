@@ -32,7 +32,6 @@ use refa_loss::on_policy::{
     RoundRecord,
 };
 use refa_loss::reward::{CommandReward, InstructionReward, Reward};
-use refa_loss::scoring::ScoringConfig;
 use refa_loss::train::{CosineSchedule, Recompute, TrainConfig};
 use refa_loss::LossConfig;
 
@@ -227,10 +226,9 @@ fn train_config(args: &Args, folder: &Path, tokenizer: &ChatTokenizer) -> TrainC
         output_dir: folder.join("train"),
         seed: args.seed,
         recompute: Recompute::Auto,
-        scoring: ScoringConfig::new(tokenizer.end_of_turn_id()),
-        pad_id: tokenizer.pad_id(),
         ..TrainConfig::default()
     }
+    .with_tokenizer(tokenizer)
 }
 
 /// The model to tune (a finished round's checkpoint when resuming) and its tokenizer.

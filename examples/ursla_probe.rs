@@ -46,7 +46,6 @@ fn main() {
 
 fn run(args: Args) -> anyhow::Result<()> {
     let (model, tokenizer) = args.checkpoint.load()?;
-    let config = model.config();
     let format = if args.ultrafeedback {
         DataFormat::UltraFeedback
     } else {
@@ -59,7 +58,7 @@ fn run(args: Args) -> anyhow::Result<()> {
         &model,
         &examples,
         8,
-        &ScoringConfig::new(config.eos_token_id),
+        &ScoringConfig::new(tokenizer.end_of_turn_id()),
     )?;
     if args.buckets < 2 {
         anyhow::bail!(

@@ -2,13 +2,16 @@
 
 use std::path::{Path, PathBuf};
 
+use serde_json::Value;
 use tch::{Device, Kind};
 
 use crate::cli::bundled::{sample_tokenizer, tiny_model};
 use crate::cli::train::JobEnv;
 use crate::device;
 use crate::error::{RefaError, Result};
-use crate::model::{CausalLm, ChatTokenizer, LoraConfig, ModelConfig, TemplateChoice};
+use crate::model::{
+    parse_template_kwarg, CausalLm, ChatTokenizer, LoraConfig, ModelConfig, TemplateChoice,
+};
 
 /// The `--dtype` flag: the weights' precision.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -102,14 +105,22 @@ pub struct TokenizerArgs {
     /// (tokenizer_config.json or chat_template.jinja) when it has one, else Mistral-instruct.
     #[arg(long, value_enum, default_value_t = TemplateChoice::Auto)]
     pub template: TemplateChoice,
+    /// A keyword argument of the checkpoint's chat template, as transformers'
+    /// apply_chat_template takes it (enable_thinking=false for Qwen3, date_string=26 Jul
+    /// 2024 for Llama 3): the value is read as JSON when it is JSON, else as text.
+    /// Repeatable.
+    #[arg(long = "template-kwarg", value_name = "NAME=VALUE", value_parser = parse_template_kwarg)]
+    pub template_kwargs: Vec<(String, Value)>,
 }
 
 impl TokenizerArgs {
     /// The tokenizer of the checkpoint `folder` (`--tokenizer`, else its `tokenizer.json`)
-    /// with its chat template ([`ChatTokenizer::with_checkpoint_template`]), or without a
-    /// folder the bundled one ([`sample_tokenizer`](crate::cli::sample_tokenizer)) or
-    /// `--tokenizer`; the BOS and EOS ids are `config`'s, and every id it can produce must
-    /// fit `config`'s vocabulary ([`ChatTokenizer::check_fits`]).
+    /// with its chat template ([`ChatTokenizer::with_checkpoint_template`]) and the
+    /// `--template-kwarg`s ([`ChatTokenizer::with_template_kwargs`]), or without a folder the
+    /// bundled one ([`sample_tokenizer`](crate::cli::sample_tokenizer)) or `--tokenizer`.
+    /// The BOS and EOS ids are `config`'s, so is the pad id where the tokenizer names none
+    /// ([`ChatTokenizer::with_default_pad_id`]), and every id it can produce must fit
+    /// `config`'s vocabulary ([`ChatTokenizer::check_fits`]).
     pub fn load(&self, folder: Option<&Path>, config: &ModelConfig) -> Result<ChatTokenizer> {
         let (bos, eos) = (config.bos_token_id, config.eos_token_id);
         let builtin = self.template.builtin();
@@ -123,6 +134,9 @@ impl TokenizerArgs {
         if let Some(folder) = folder {
             tokenizer = tokenizer.with_checkpoint_template(folder, self.template)?;
         }
+        tokenizer = tokenizer
+            .with_template_kwargs(self.template_kwargs.iter().cloned())?
+            .with_default_pad_id(config.pad_token_id);
         tokenizer.check_fits(config.vocab_size)?;
         Ok(tokenizer)
     }

@@ -160,13 +160,13 @@ impl TrainArgs {
     }
 
     /// The training configuration: the flags, the peak learning rate `--lr` or
-    /// `default_lr`, and the response end and padding of `tokenizer` (its EOS id ends
-    /// responses and pads batches). `--resume latest` where no checkpoint is yet starts
+    /// `default_lr`, and the response end and padding of `tokenizer`
+    /// ([`TrainConfig::with_tokenizer`]: its end of turn ends responses and is the token the
+    /// EOS regularizer reads, its pad id pads). `--resume latest` where no checkpoint is yet starts
     /// over at step 0 (in place of what a run killed before its first checkpoint logged).
     /// The settings are checked when the trainer is built ([`TrainConfig::validate`]).
     pub fn config(&self, tokenizer: &ChatTokenizer, default_lr: f64) -> Result<TrainConfig> {
         let resume_from = self.resume_from()?;
-        let eos_id = tokenizer.eos_id();
         Ok(TrainConfig {
             prompts_per_batch: self.prompts_per_batch,
             accumulation_steps: self.accumulation_steps,
@@ -187,13 +187,14 @@ impl TrainArgs {
             recompute: self.recompute,
             scoring: ScoringConfig {
                 chunk_size: self.chunk_size,
-                ..ScoringConfig::new(eos_id)
+                ..defaults().scoring
             },
-            pad_id: eos_id,
             share_prompts: self.share_prompts,
             overwrite_output_dir: self.overwrite_output_dir
                 || (self.resume.is_some() && resume_from.is_none()),
-        })
+            ..defaults()
+        }
+        .with_tokenizer(tokenizer))
     }
 }
 

@@ -207,6 +207,14 @@ impl ChatTokenizer {
         })
     }
 
+    /// Pads with `pad_id` (a model config's `pad_token_id`) where the tokenizer names no pad
+    /// token of its own: the tokenizer's pad token wins, whenever it is read, and without
+    /// either [`pad_id`](Self::pad_id) is the EOS id. `None` changes nothing.
+    pub fn with_default_pad_id(mut self, pad_id: Option<i64>) -> Self {
+        self.pad_id = self.pad_id.or(pad_id);
+        self
+    }
+
     /// The `pad_token` of `folder/tokenizer_config.json` (text or `{"content": …}`) as the
     /// pad id, when the file exists and names a token this tokenizer knows.
     fn with_checkpoint_pad_token(mut self, folder: &Path) -> Result<Self> {
@@ -566,7 +574,8 @@ impl ChatTokenizer {
 
     /// The id that pads batches: the tokenizer's pad token (`pad_token` of the
     /// `tokenizer_config.json` beside `tokenizer.json` or in the checkpoint folder, else the
-    /// padding settings of `tokenizer.json`), else the EOS id. Padding is never attended or
+    /// padding settings of `tokenizer.json`), else the model's
+    /// ([`with_default_pad_id`](Self::with_default_pad_id)), else the EOS id. Padding is never attended or
     /// scored, so any id of the vocabulary would do; this one is what transformers pads with.
     pub fn pad_id(&self) -> i64 {
         self.pad_id.unwrap_or(self.eos_id)

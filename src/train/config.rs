@@ -9,7 +9,7 @@ use crate::batch::PreferenceBatch;
 use crate::data::TokenizedExample;
 use crate::error::{RefaError, Result};
 use crate::loss::PreferenceLoss;
-use crate::model::CausalLm;
+use crate::model::{CausalLm, ChatTokenizer};
 use crate::scoring::ScoringConfig;
 use crate::train::optimizer::CosineSchedule;
 use crate::train::recompute::Recompute;
@@ -42,10 +42,12 @@ pub struct TrainConfig {
     pub seed: u64,
     /// Layer-wise activation recomputation (see [`Recompute`]).
     pub recompute: Recompute,
-    /// Chunked scoring settings (EOS id, chunk size, per-step EOS).
+    /// Chunked scoring settings (the id that ends a response, chunk size, per-step EOS): the
+    /// tokenizer's end of turn ([`with_tokenizer`](Self::with_tokenizer)).
     pub scoring: ScoringConfig,
-    /// The token id that pads batches (Mistral: its EOS, 2). Padding is never attended by
-    /// a token nor scored; the id must be inside the model's vocabulary.
+    /// The token id that pads batches (Mistral: its EOS, 2; the tokenizer's pad id with
+    /// [`with_tokenizer`](Self::with_tokenizer)). Padding is never attended by a token nor
+    /// scored; the id must be inside the model's vocabulary.
     pub pad_id: i64,
     /// Prefix sharing: run each prompt's layers once for all its responses
     /// ([`CausalLm::forward_shared_prefix`]) instead of once per response. Same values and
@@ -96,6 +98,17 @@ impl Default for TrainConfig {
 }
 
 impl TrainConfig {
+    /// This configuration with the response end and the padding of `tokenizer`: responses
+    /// end with, and the EOS regularizer reads the probability of, its end of turn
+    /// ([`ChatTokenizer::end_of_turn_id`]: `<|eot_id|>`, `<|im_end|>`, `<end_of_turn>` where
+    /// the checkpoint's chat template closes a turn so, else the EOS), and batches are
+    /// padded with its pad id ([`ChatTokenizer::pad_id`]). The other scoring settings stay.
+    pub fn with_tokenizer(mut self, tokenizer: &ChatTokenizer) -> Self {
+        self.scoring.eos_id = tokenizer.end_of_turn_id();
+        self.pad_id = tokenizer.pad_id();
+        self
+    }
+
     /// Every setting by name, as text (`Debug`): what the ranks of a data-parallel job
     /// compare before they train together.
     #[cfg(feature = "distributed")]
