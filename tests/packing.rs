@@ -600,3 +600,64 @@ fn cuda_flash_kernel_equals_the_block_diagonal_path() {
         }
     }
 }
+
+/// The trainer's examples pack in its collation's row order: the unpacked layouts have the
+/// collated labels' shapes, and the plain packing equals packing the collated ids.
+#[cfg(feature = "trainer")]
+#[test]
+fn examples_pack_in_the_collation_order() {
+    use refa_loss::data::{collate, collate_shared, TokenizedExample};
+    use refa_loss::model::Encoded;
+    let encoded = |prompt: &[i64], response: &[i64]| Encoded {
+        prompt: prompt.to_vec(),
+        response: response.to_vec(),
+    };
+    let first = TokenizedExample {
+        responses: vec![
+            encoded(&[1, 5, 6], &[7, 8, 2]),
+            encoded(&[1, 5, 6], &[9, 2]),
+        ],
+        rewards: vec![1.0, 0.0],
+    };
+    let second = TokenizedExample {
+        responses: vec![
+            encoded(&[1, 4], &[3, 3, 3, 3, 2]),
+            encoded(&[1, 4], &[2]),
+            encoded(&[1, 4], &[10, 11, 2]),
+        ],
+        rewards: vec![0.0, 1.0, 0.5],
+    };
+    let examples = [&first, &second];
+    let collated = collate(&examples, 0, Device::Cpu);
+    let lengths: Vec<i64> = collated
+        .attention_mask
+        .sum_dim_intlist(1, false, Kind::Int64)
+        .iter::<i64>()
+        .expect("lengths")
+        .collect();
+    let packed = PackedBatch::from_examples(&examples, Device::Cpu).expect("packed");
+    let expected = PackedBatch::from_right_padded(&collated.input_ids, &lengths).expect("padded");
+    assert_eq!(packed.input_ids(), expected.input_ids());
+    let (n, t) = packed.unpacked_shape();
+    assert_eq!(vec![n, t], collated.labels.size());
+    let shared = PackedBatch::shared_from_examples(&examples, Device::Cpu).expect("shared");
+    let collated_shared = collate_shared(&examples, 0, Device::Cpu).expect("collate_shared");
+    let (n, t) = shared.unpacked_shape();
+    assert_eq!(vec![n, t], collated_shared.labels.size());
+    assert_eq!(shared.total(), 3 + 2 + 5 + 5 + 1 + 3);
+    let mixed = TokenizedExample {
+        responses: vec![encoded(&[1, 5], &[2]), encoded(&[1, 6], &[2])],
+        rewards: vec![0.0, 1.0],
+    };
+    let error = PackedBatch::shared_from_examples(&[&mixed], Device::Cpu).unwrap_err();
+    assert!(
+        matches!(
+            error,
+            RefaError::InvalidSetting {
+                name: "examples",
+                ..
+            }
+        ),
+        "{error}"
+    );
+}

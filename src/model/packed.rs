@@ -28,12 +28,11 @@
 //! the one [`collate`](crate::data::collate) (or
 //! [`collate_shared`](crate::data::collate_shared)) labels.
 //!
-//! A trainer's micro-batch, packed (`examples` as the trainer collates them; `lengths` the
-//! rows' token counts, 0 for an empty slot, known on the host):
+//! A trainer's micro-batch, packed (`examples` as the trainer collates them):
 //!
 //! ```text
 //! let batch = collate(&examples, pad_id, device);               // labels [N, T] on the host
-//! let packed = PackedBatch::from_right_padded(&batch.input_ids, &lengths)?;
+//! let packed = PackedBatch::from_examples(&examples, device)?;  // or from_right_padded
 //! let options = ForwardOptions { train: true, recompute, ..ForwardOptions::default() };
 //! let pass = model.forward_packed(&packed, &options)?;          // hidden [1, total, H]
 //! let hidden = packed.unpack(&pass.hidden)?;                    // [N, T, H], collate's layout
@@ -41,7 +40,7 @@
 //! pass.finish_backward(&model)?;
 //! ```
 //!
-//! With shared prompts: `PackedBatch::with_shared_prompts(&prompts, &responses, device)` and
+//! With shared prompts: `PackedBatch::shared_from_examples(&examples, device)` and
 //! `collate_shared`'s labels, the rest unchanged.
 
 use tch::{Device, Kind, Tensor};
@@ -129,11 +128,13 @@ impl Segment {
 /// runs the model on it: on CUDA in bf16/f16 through libtorch's variable-length flash
 /// kernel, elsewhere one sequence at a time; the values and gradients are the padded path's.
 ///
-/// A trainer's micro-batch, packed (`lengths`: the rows' token counts, 0 for an empty slot):
+/// A trainer's micro-batch, packed ([`from_examples`](Self::from_examples) keeps
+/// `collate`'s row order; [`from_right_padded`](Self::from_right_padded) packs the collated
+/// ids on the device given the rows' lengths):
 ///
 /// ```text
 /// let batch = collate(&examples, pad_id, device);               // labels [N, T] on the host
-/// let packed = PackedBatch::from_right_padded(&batch.input_ids, &lengths)?;
+/// let packed = PackedBatch::from_examples(&examples, device)?;
 /// let options = ForwardOptions { train: true, recompute, ..ForwardOptions::default() };
 /// let pass = model.forward_packed(&packed, &options)?;          // hidden [1, total, H]
 /// let hidden = packed.unpack(&pass.hidden)?;                    // [N, T, H], collate's layout
@@ -141,7 +142,8 @@ impl Segment {
 /// pass.finish_backward(&model)?;
 /// ```
 ///
-/// With shared prompts: [`with_shared_prompts`](Self::with_shared_prompts) and
+/// With shared prompts: [`shared_from_examples`](Self::shared_from_examples) (or
+/// [`with_shared_prompts`](Self::with_shared_prompts)) and
 /// [`collate_shared`](crate::data::collate_shared)'s labels, the rest unchanged.
 ///
 /// # Shapes
@@ -395,6 +397,67 @@ impl PackedBatch {
     }
 }
 
+/// The trainer's examples packed in the row order of its collation, so that the unpacked
+/// hidden states line up with the collated labels, rewards and slot mask.
+#[cfg(feature = "trainer")]
+impl PackedBatch {
+    /// `examples` as [`collate`](crate::data::collate) lays them out (row `p·S + k` the
+    /// `k`-th response of example `p` with its prompt, `S` the most responses of an example,
+    /// rows past an example's responses empty), packed: [`unpack`](Self::unpack) gives
+    /// `[P·S, T, H]` for `collate`'s labels.
+    pub fn from_examples(
+        examples: &[&crate::data::TokenizedExample],
+        device: Device,
+    ) -> Result<Self> {
+        let slots = examples
+            .iter()
+            .map(|e| e.responses.len())
+            .max()
+            .unwrap_or(0);
+        let sequences: Vec<Vec<i64>> = examples
+            .iter()
+            .flat_map(|e| (0..slots).map(|k| e.responses.get(k).map(|r| r.input_ids())))
+            .map(Option::unwrap_or_default)
+            .collect();
+        let sequences: Vec<&[i64]> = sequences.iter().map(Vec::as_slice).collect();
+        Self::from_sequences(&sequences, device)
+    }
+
+    /// `examples` as [`collate_shared`](crate::data::collate_shared) lays them out (each
+    /// example's prompt once, its responses in rows `p·S + k`), packed for prefix sharing:
+    /// [`unpack`](Self::unpack) gives `[P·S, 1 + Lr, H]` for `collate_shared`'s labels. Every
+    /// response of an example must carry the same prompt ids, of at least one token.
+    pub fn shared_from_examples(
+        examples: &[&crate::data::TokenizedExample],
+        device: Device,
+    ) -> Result<Self> {
+        let slots = examples
+            .iter()
+            .map(|e| e.responses.len())
+            .max()
+            .unwrap_or(0);
+        let mut prompts: Vec<&[i64]> = Vec::with_capacity(examples.len());
+        let mut responses: Vec<&[i64]> = Vec::with_capacity(examples.len() * slots);
+        for (p, example) in examples.iter().enumerate() {
+            let prompt = example
+                .responses
+                .first()
+                .map_or(&[][..], |r| r.prompt.as_slice());
+            if example.responses.iter().any(|r| r.prompt != prompt) {
+                return Err(RefaError::option(
+                    "examples",
+                    format!("example {p}"),
+                    "responses that carry the same prompt ids, so that the prompt can be shared",
+                ));
+            }
+            prompts.push(prompt);
+            let own = example.responses.iter().map(|r| r.response.as_slice());
+            responses.extend(own.chain(std::iter::repeat(&[][..])).take(slots));
+        }
+        Self::with_shared_prompts(&prompts, &responses, device)
+    }
+}
+
 impl CausalLm {
     /// A forward pass over a packed batch: hidden states `[1, total, H]` after the final
     /// norm, in [`ForwardPass::hidden`]; turn them into the scorer's layout with
@@ -572,7 +635,13 @@ impl PackedAttention {
                 // go first so that plain causal attention (whose kernel skips the masked
                 // blocks) is exact, and their outputs are dropped. An explicit mask would
                 // make the kernel compute every block.
-                let out = attend(&with_prefix(q), &with_prefix(k), &with_prefix(v), mask, scoring);
+                let out = attend(
+                    &with_prefix(q),
+                    &with_prefix(k),
+                    &with_prefix(v),
+                    mask,
+                    scoring,
+                );
                 out.narrow(2, segment.keys() - segment.len, segment.len)
             })
             .collect();
