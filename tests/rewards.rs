@@ -167,7 +167,9 @@ fn python() -> Option<PathBuf> {
 
 fn judge(dir: &Path, code: &str) -> Option<CommandReward> {
     let python = python()?;
-    let script = dir.join(format!("judge-{}.py", code.len()));
+    static SCRIPTS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let number = SCRIPTS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let script = dir.join(format!("judge-{number}.py"));
     std::fs::write(&script, code).unwrap();
     Some(CommandReward::new([python.display().to_string(), script.display().to_string()]).unwrap())
 }
@@ -185,6 +187,9 @@ fn an_external_judge_scores_through_stdin_or_a_file() {
     let from_file = command.clone().with_input(CommandInput::FileArgument);
     assert_eq!(checked_scores(&from_file, &prompts, &answers).unwrap(), want);
     assert!(command.name().starts_with("command ") && command.name().ends_with(".py"));
+    // CRLF line ends, a byte-order mark, integers and blank lines are fine.
+    let windows = judge(dir.path(), "import sys\nsys.stdin.read()\nsys.stdout.write('\\ufeff{\"scores\": [1, 0, 2]}\\r\\n\\r\\n{\"scores\": [3, 4.5]}\\r\\n')\n").unwrap();
+    assert_eq!(windows.score(&prompts, &answers).unwrap(), vec![vec![1.0, 0.0, 2.0], vec![3.0, 4.5]]);
     // A judge that reads nothing and writes its lines at once still works (the unread input
     // must not kill this process with SIGPIPE), even for a large input.
     let lazy = judge(dir.path(), "print('{\"scores\": [1, 2, 3]}')\nprint('{\"scores\": [4, 5]}')\n").unwrap();

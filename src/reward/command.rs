@@ -183,6 +183,8 @@ impl CommandReward {
 
     /// The scores of each output line, checked against the answers.
     fn parse(&self, output: &str, responses: &[Vec<String>]) -> Result<Vec<Vec<f64>>> {
+        // A byte-order mark (some Windows tools write one) is not part of the first line.
+        let output = output.strip_prefix('\u{feff}').unwrap_or(output);
         let lines: Vec<(usize, &str)> = output
             .lines()
             .enumerate()
