@@ -63,6 +63,10 @@ struct Args {
     /// Working folder (checkpoints, metrics).
     #[arg(long, default_value = "runs/eos-experiment")]
     output_dir: PathBuf,
+    /// Start over in an --output-dir that holds an earlier experiment: delete its
+    /// checkpoints and metrics first (without it, such a folder is refused).
+    #[arg(long)]
+    overwrite_output_dir: bool,
 }
 
 /// Next-token training: the mean negative log-probability per token of every valid response.
@@ -225,7 +229,7 @@ fn train_sft(
         })
         .collect::<RefaResult<_>>()?;
     let model = cli::tiny_model(Device::Cpu, Kind::Float, None, seed)?;
-    let config = train_config(tokenizer, dir, seed, args.sft_steps, 3e-3, 8);
+    let config = train_config(args, tokenizer, dir, seed, args.sft_steps, 3e-3, 8);
     train(model, Box::new(NextToken), examples, config)
 }
 
@@ -268,6 +272,7 @@ fn train_preference(
         loss,
         examples,
         train_config(
+            args,
             tokenizer,
             dir,
             seed,
@@ -278,8 +283,10 @@ fn train_preference(
     )
 }
 
-/// The run's settings; responses end, and are padded, as `tokenizer` says.
+/// The run's settings; responses end, and are padded, as `tokenizer` says, and an earlier
+/// run in `dir` is deleted first with --overwrite-output-dir.
 fn train_config(
+    args: &Args,
     tokenizer: &ChatTokenizer,
     dir: &Path,
     seed: u64,
@@ -302,6 +309,7 @@ fn train_config(
         output_dir: dir.to_path_buf(),
         seed,
         recompute: Recompute::None,
+        overwrite_output_dir: args.overwrite_output_dir,
         ..TrainConfig::default()
     }
     .with_tokenizer(tokenizer)

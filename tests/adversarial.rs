@@ -967,3 +967,57 @@ proptest! {
         }
     }
 }
+
+/// An I/O error's message is printed once: the examples printed the operating system's
+/// message, then the same message again as the error's cause.
+#[test]
+fn an_io_error_is_reported_once() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let out = dir.path().join("run");
+    let missing = dir.path().join("missing.jsonl");
+    let output = run(
+        "train_mistral",
+        &train_args(
+            out.to_str().unwrap(),
+            &["--data", missing.to_str().unwrap()],
+        ),
+    );
+    assert_refused(&output, "missing.jsonl", "missing data file");
+    let stderr = text(&output.stderr);
+    assert_eq!(
+        stderr.matches("No such file or directory").count(),
+        1,
+        "{stderr}"
+    );
+}
+
+/// The EOS experiment in a folder that holds its earlier run: refused, naming
+/// --overwrite-output-dir, which starts it over.
+#[test]
+fn the_eos_experiment_starts_over_in_its_folder_with_overwrite_output_dir() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let out = dir.path().join("eos");
+    let mut args = vec![
+        "--seeds",
+        "1",
+        "--sft-steps",
+        "2",
+        "--preference-steps",
+        "2",
+        "--prompts",
+        "1",
+        "--output-dir",
+        out.to_str().unwrap(),
+    ];
+    let first = run("eos_length_experiment", &args);
+    assert!(first.status.success(), "{}", text(&first.stderr));
+    assert_refused(
+        &run("eos_length_experiment", &args),
+        "--overwrite-output-dir",
+        "a rerun into the same folder",
+    );
+    args.push("--overwrite-output-dir");
+    let again = run("eos_length_experiment", &args);
+    assert!(again.status.success(), "{}", text(&again.stderr));
+    assert!(text(&again.stdout).contains("| SFT only |"));
+}

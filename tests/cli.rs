@@ -205,8 +205,8 @@ fn template_kwargs_reach_the_checkpoint_template() {
 }
 
 /// `--help` opens with the program's about, never with the API documentation of a struct
-/// it flattens (LossConfig's was the examples' first paragraph); the examples that render
-/// chat templates take --template-kwarg.
+/// it flattens (LossConfig's was the examples' first paragraph), and says that --data may be
+/// a JSON array; the examples that render chat templates take --template-kwarg.
 #[test]
 fn help_opens_with_the_programs_about() {
     let help = Args::command().render_long_help().to_string();
@@ -235,4 +235,5 @@ fn help_opens_with_the_programs_about() {
         assert!(help.contains("--template-kwarg <NAME=VALUE>"), "{name}");
         assert!(!help.contains("Every field left `None`"), "{name}");
     }
+    assert!(help.contains("a JSONL file (or one JSON array of records)"), "{help}");
 }

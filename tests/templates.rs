@@ -440,3 +440,123 @@ fn template_kwargs_come_from_the_command_line() {
         .expect("refused");
     assert!(err.to_string().contains("is not NAME=VALUE"), "{err}");
 }
+
+/// A folder holding the bundled tokenizer and a tokenizer_config.json with `template`.
+fn folder_with_template(parent: &Path, template: &str) -> PathBuf {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    std::fs::create_dir_all(parent).expect("folder");
+    std::fs::copy(
+        root.join("examples/data/tokenizer.json"),
+        parent.join("tokenizer.json"),
+    )
+    .expect("tokenizer");
+    let config =
+        serde_json::json!({"chat_template": template, "bos_token": "<s>", "eos_token": "</s>"});
+    std::fs::write(parent.join("tokenizer_config.json"), config.to_string()).expect("config");
+    parent.to_path_buf()
+}
+
+fn with_folder_template(folder: &Path) -> refa_loss::Result<ChatTokenizer> {
+    ChatTokenizer::from_file(
+        folder.join("tokenizer.json"),
+        ChatTemplate::MistralInstruct,
+        1,
+        2,
+    )?
+    .with_checkpoint_template(folder, TemplateChoice::Auto)
+}
+
+/// A template that prints nothing for the user's turn would train responses with no prompt
+/// at all: refused, naming the template's file and, through the data pipeline, the record's
+/// file and line.
+#[cfg(feature = "trainer")]
+#[test]
+fn a_template_that_renders_an_empty_prompt_is_refused_naming_it_and_the_record() {
+    use refa_loss::data::{read_jsonl, tokenize_records_named, DataFormat, ScoreField};
+    let dir = tempfile::tempdir().expect("temp dir");
+    let folder = folder_with_template(
+        dir.path(),
+        "{% for m in messages %}{% if m.role == 'assistant' %}{{ m.content + eos_token }}{% endif %}{% endfor %}",
+    );
+    let tokenizer = with_folder_template(&folder).expect("tokenizer");
+    let template = folder.join("tokenizer_config.json").display().to_string();
+    for err in [
+        tokenizer.encode_prompt("Hi").unwrap_err(),
+        tokenizer.encode("Hi", "Hello.", 64, 128).unwrap_err(),
+    ] {
+        let message = err.to_string();
+        assert!(message.starts_with(&template), "{message}");
+        assert!(message.contains("as no text at all"), "{message}");
+    }
+    let data = dir.path().join("data.jsonl");
+    let record = r#"{"prompt": "Hi", "responses": [{"text": "Hello.", "score": 1}, {"text": "No.", "score": 0}]}"#;
+    std::fs::write(&data, format!("\n{record}\n")).expect("data");
+    let report = read_jsonl(&data, DataFormat::Auto, ScoreField::Overall, false).expect("read");
+    let name = |i: usize| report.origin(i).unwrap_or_default();
+    let err = tokenize_records_named(&report.records, &tokenizer, 64, 128, name).unwrap_err();
+    let message = err.to_string();
+    assert!(
+        message.starts_with(&format!("{}, line 2: {template}", data.display())),
+        "{message}"
+    );
+}
+
+/// A UTF-8 byte-order mark before tokenizer.json's or tokenizer_config.json's JSON (some
+/// editors write one) is skipped: the tokenizer, its template, end of turn and pad token are
+/// those of the files without it.
+#[test]
+fn byte_order_marks_before_the_tokenizer_files_are_skipped() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let fixture = hub().join("gemma-2");
+    for file in ["tokenizer.json", "tokenizer_config.json"] {
+        let text = std::fs::read_to_string(fixture.join(file)).expect("fixture");
+        std::fs::write(dir.path().join(file), format!("\u{feff}{text}")).expect("write");
+    }
+    let load = |folder: &Path| {
+        ChatTokenizer::from_file(
+            folder.join("tokenizer.json"),
+            ChatTemplate::MistralInstruct,
+            514,
+            513,
+        )
+        .and_then(|t| t.with_checkpoint_template(folder, TemplateChoice::Auto))
+        .expect("tokenizer")
+    };
+    let (marked, plain) = (load(dir.path()), load(&fixture));
+    assert!(marked.jinja().is_some());
+    assert_eq!(
+        (marked.end_of_turn_id(), marked.pad_id()),
+        (plain.end_of_turn_id(), plain.pad_id())
+    );
+    assert_eq!(
+        marked.encode("Hi", "Hello.", 64, 128).expect("encode"),
+        plain.encode("Hi", "Hello.", 64, 128).expect("encode")
+    );
+}
+
+/// A template that loops for ever (or recurses without end) fails within its bound of work
+/// (`RENDER_FUEL` instructions), naming the template, instead of hanging the trainer.
+#[test]
+fn a_template_that_never_ends_is_stopped_naming_it() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let endless =
+        "{% for i in range(100000) %}{% for j in range(100000) %}{{ '' }}{% endfor %}{% endfor %}";
+    let recursive = "{% macro f(n) %}{{ f(n + 1) }}{% endmacro %}{{ f(0) }}";
+    for (name, source, why) in [
+        ("endless", endless, "did not finish rendering within"),
+        ("recursive", recursive, "recursion"),
+    ] {
+        let folder = folder_with_template(&dir.path().join(name), source);
+        let started = std::time::Instant::now();
+        let tokenizer = with_folder_template(&folder).expect("tokenizer");
+        let err = tokenizer.encode_prompt("Hi").unwrap_err().to_string();
+        assert!(
+            started.elapsed().as_secs() < 60,
+            "{name}: took {:?}",
+            started.elapsed()
+        );
+        let template = folder.join("tokenizer_config.json").display().to_string();
+        assert!(err.starts_with(&template), "{name}: {err}");
+        assert!(err.contains(why), "{name}: {err}");
+    }
+}

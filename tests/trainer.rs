@@ -874,12 +874,11 @@ fn hub_dataset_layouts_are_read_by_name_and_by_auto() {
     );
     let err = tokenize_records(&records, &tokenizer(), 128, 256).unwrap_err();
     assert!(err.to_string().contains("earlier turns"), "{err}");
-    let templated = tokenizer().with_jinja(JinjaTemplate {
-        source: "{{ bos_token }}{% for m in messages %}{% if m.role == 'system' %}{{ '<<SYS>> ' + m.content + ' <</SYS>> ' }}{% elif m.role == 'user' %}{{ '[INST] ' + m.content + ' [/INST]' }}{% else %}{{ m.content + eos_token }}{% endif %}{% endfor %}".into(),
-        bos_token: "<s>".into(),
-        eos_token: "</s>".into(),
-        kwargs: Default::default(),
-    });
+    let templated = tokenizer().with_jinja(JinjaTemplate::new(
+        "{{ bos_token }}{% for m in messages %}{% if m.role == 'system' %}{{ '<<SYS>> ' + m.content + ' <</SYS>> ' }}{% elif m.role == 'user' %}{{ '[INST] ' + m.content + ' [/INST]' }}{% else %}{{ m.content + eos_token }}{% endif %}{% endfor %}",
+        "<s>",
+        "</s>",
+    ));
     let (examples, _) =
         tokenize_records(&records, &templated, 128, 256).expect("with the template");
     let rendered = templated

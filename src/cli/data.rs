@@ -4,8 +4,8 @@ use std::path::{Path, PathBuf};
 
 use crate::cli::bundled::SAMPLE_DATA;
 use crate::data::{
-    parse_jsonl, read_dataset, split_eval, tokenize_records, DataFormat, ReadReport, ScoreField,
-    TokenizeReport, TokenizedExample,
+    parse_jsonl, read_dataset, split_eval, tokenize_records_named, DataFormat, ReadReport,
+    ScoreField, TokenizeReport, TokenizedExample,
 };
 use crate::error::{RefaError, Result};
 use crate::model::{ChatTokenizer, ModelConfig};
@@ -46,8 +46,8 @@ pub struct TokenLimits {
 #[derive(clap::Args, Debug, Clone)]
 #[command(about = None, long_about = None)]
 pub struct DataArgs {
-    /// Preference data: a JSONL or parquet file, or a folder of *.jsonl / *.parquet shards.
-    /// Default: the bundled sample (64 prompts × 4).
+    /// Preference data: a JSONL file (or one JSON array of records), a parquet file, or a
+    /// folder of *.jsonl / *.parquet shards. Default: the bundled sample (64 prompts × 4).
     #[arg(long)]
     pub data: Option<PathBuf>,
     /// Layout of --data's lines or rows; `auto` tells each one's layout from its keys.
@@ -115,7 +115,8 @@ impl DataArgs {
         )
     }
 
-    /// The records tokenized with `tokenizer` within `limits` ([`tokenize_records`]) and
+    /// The records tokenized with `tokenizer` within `limits` ([`tokenize_records_named`],
+    /// an error naming the file and line of its record) and
     /// split into training and held-out examples by a shuffle seeded with `seed`
     /// ([`split_eval`]). Data with no prompt left that carries a preference is a
     /// [`RefaError::Config`] naming it.
@@ -126,8 +127,18 @@ impl DataArgs {
         limits: TokenLimits,
         seed: u64,
     ) -> Result<PreferenceData> {
-        let (examples, tokens) =
-            tokenize_records(&records.records, tokenizer, limits.prompt, limits.total)?;
+        let name = |i: usize| {
+            records
+                .origin(i)
+                .unwrap_or_else(|| format!("record {}", i + 1))
+        };
+        let (examples, tokens) = tokenize_records_named(
+            &records.records,
+            tokenizer,
+            limits.prompt,
+            limits.total,
+            name,
+        )?;
         let data = PreferenceData {
             train: Vec::new(),
             eval: Vec::new(),

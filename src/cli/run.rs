@@ -182,3 +182,28 @@ pub fn silence_stdout() {
         unsafe { libc::dup2(null.as_raw_fd(), 1) };
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::RefaError;
+
+    /// An I/O error quotes the operating system's message and keeps it as its source; the
+    /// chain prints it once, while a cause the message does not end with is added.
+    #[test]
+    fn error_message_names_each_cause_once() {
+        let io = std::io::Error::new(std::io::ErrorKind::NotFound, "No such file or directory");
+        let error = RefaError::io("data.jsonl", &io);
+        assert_eq!(
+            error_message(&error),
+            "data.jsonl: No such file or directory"
+        );
+        #[derive(Debug, thiserror::Error)]
+        #[error("reading the data")]
+        struct Context(#[source] RefaError);
+        assert_eq!(
+            error_message(&Context(error)),
+            "reading the data: data.jsonl: No such file or directory"
+        );
+    }
+}

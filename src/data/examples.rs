@@ -1,7 +1,7 @@
 //! Records to token ids: chat template, truncation, and the prompts that carry no preference.
 
 use crate::data::records::PreferenceRecord;
-use crate::error::Result;
+use crate::error::{RefaError, Result};
 use crate::model::{check_token_limits, ChatTokenizer, Encoded};
 
 /// One prompt's responses as token ids, with their rewards.
@@ -29,17 +29,33 @@ pub struct TokenizeReport {
 
 /// Tokenizes `records` with the chat template, truncating prompts to `max_prompt` tokens and
 /// prompt + response to `max_total` (see [`ChatTokenizer::encode`]: every response keeps at
-/// least one token), and drops prompts that carry no preference.
+/// least one token), and drops prompts that carry no preference. A record the template
+/// cannot frame is a [`RefaError::Config`] naming it `record N` (1-based); see
+/// [`tokenize_records_named`] to name it by file and line.
 pub fn tokenize_records(
     records: &[PreferenceRecord],
     tokenizer: &ChatTokenizer,
     max_prompt: usize,
     max_total: usize,
 ) -> Result<(Vec<TokenizedExample>, TokenizeReport)> {
+    tokenize_records_named(records, tokenizer, max_prompt, max_total, record_number)
+}
+
+/// [`tokenize_records`], an error naming the record `i` it happened at as `name(i)`, e.g.
+/// `|i| report.origin(i).unwrap_or_default()` ([`ReadReport::origin`]: `data.jsonl, line 3`).
+///
+/// [`ReadReport::origin`]: crate::data::ReadReport::origin
+pub fn tokenize_records_named(
+    records: &[PreferenceRecord],
+    tokenizer: &ChatTokenizer,
+    max_prompt: usize,
+    max_total: usize,
+    name: impl Fn(usize) -> String,
+) -> Result<(Vec<TokenizedExample>, TokenizeReport)> {
     check_token_limits(max_prompt, max_total)?;
     let mut report = TokenizeReport::default();
     let mut examples = Vec::new();
-    for record in records {
+    for (index, record) in records.iter().enumerate() {
         if record.responses.len() < 2 {
             report.fewer_than_two_responses += 1;
             continue;
@@ -49,7 +65,8 @@ pub fn tokenize_records(
             report.all_scores_equal += 1;
             continue;
         }
-        let example = tokenize_record(record, tokenizer, max_prompt, max_total)?;
+        let example = tokenize_record(record, tokenizer, max_prompt, max_total)
+            .map_err(|e| RefaError::config(name(index), e))?;
         report.truncated_responses += example
             .responses
             .iter()
@@ -61,7 +78,8 @@ pub fn tokenize_records(
     Ok((examples, report))
 }
 
-/// Tokenizes every record, preference or not (for analyses such as the URSLA probe).
+/// Tokenizes every record, preference or not (for analyses such as the URSLA probe); errors
+/// name the record as [`tokenize_records`]' do.
 pub fn tokenize_all(
     records: &[PreferenceRecord],
     tokenizer: &ChatTokenizer,
@@ -71,8 +89,17 @@ pub fn tokenize_all(
     check_token_limits(max_prompt, max_total)?;
     records
         .iter()
-        .map(|r| tokenize_record(r, tokenizer, max_prompt, max_total))
+        .enumerate()
+        .map(|(index, r)| {
+            tokenize_record(r, tokenizer, max_prompt, max_total)
+                .map_err(|e| RefaError::config(record_number(index), e))
+        })
         .collect()
+}
+
+/// How a record is named without its file: `record 3` for index 2.
+fn record_number(index: usize) -> String {
+    format!("record {}", index + 1)
 }
 
 fn tokenize_record(

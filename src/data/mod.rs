@@ -8,7 +8,9 @@ mod parquet;
 mod records;
 
 pub use batches::{collate, collate_shared, split_eval, Collated, DataOrder, SharedCollated};
-pub use examples::{tokenize_all, tokenize_records, TokenizeReport, TokenizedExample};
+pub use examples::{
+    tokenize_all, tokenize_records, tokenize_records_named, TokenizeReport, TokenizedExample,
+};
 pub use records::{
     parse_jsonl, parse_jsonl_bytes, read_dataset, read_jsonl, DataFormat, PreferenceRecord,
     ReadReport, ScoreField, ScoredResponse,

@@ -63,25 +63,37 @@ pub struct JinjaTemplate {
     /// with [`with_kwargs`](Self::with_kwargs), which refuses the names transformers
     /// reserves.
     pub kwargs: TemplateKwargs,
+    /// Where the source was read, as errors name the template: the checkpoint's
+    /// `chat_template.jinja` or `tokenizer_config.json`; `chat_template` for one made in
+    /// code ([`new`](Self::new)).
+    pub origin: String,
 }
 
 impl JinjaTemplate {
+    /// A template made in code from its `source` and the texts of the BOS and EOS tokens,
+    /// with no keyword arguments; errors name it `chat_template`.
+    pub fn new(source: &str, bos_token: &str, eos_token: &str) -> Self {
+        JinjaTemplate {
+            source: source.to_string(),
+            bos_token: bos_token.to_string(),
+            eos_token: eos_token.to_string(),
+            kwargs: TemplateKwargs::new(),
+            origin: TEMPLATE_NAME.to_string(),
+        }
+    }
+
     /// The template of a Hugging Face checkpoint folder: `chat_template.jinja`, else the
     /// `chat_template` of `tokenizer_config.json` (a string, or a list of named templates of
     /// which `default` is taken); `None` when the folder has neither. The BOS and EOS texts
-    /// come from `tokenizer_config.json` (strings or `{"content": …}` objects).
+    /// come from `tokenizer_config.json` (strings or `{"content": …}` objects; a UTF-8
+    /// byte-order mark before its JSON is skipped).
     pub fn from_checkpoint(folder: &Path) -> Result<Option<Self>> {
         let config_path = folder.join("tokenizer_config.json");
-        let config: Value = match std::fs::read_to_string(&config_path) {
-            Ok(text) => {
-                serde_json::from_str(&text).map_err(|e| RefaError::config(&config_path, e))?
-            }
-            Err(_) => Value::Null,
-        };
+        let config = read_tokenizer_config(&config_path)?.unwrap_or(Value::Null);
         let jinja_path = folder.join("chat_template.jinja");
-        let source = match std::fs::read_to_string(&jinja_path) {
-            Ok(source) => Some(source),
-            Err(_) => template_of(&config, &config_path)?,
+        let (source, origin) = match std::fs::read_to_string(&jinja_path) {
+            Ok(source) => (Some(source), jinja_path),
+            Err(_) => (template_of(&config, &config_path)?, config_path),
         };
         let Some(source) = source else {
             return Ok(None);
@@ -100,6 +112,7 @@ impl JinjaTemplate {
             bos_token: token("bos_token"),
             eos_token: token("eos_token"),
             kwargs: TemplateKwargs::new(),
+            origin: origin.display().to_string(),
         }))
     }
 
@@ -127,12 +140,26 @@ impl JinjaTemplate {
     }
 
     /// The conversation as text; with `add_generation_prompt`, followed by what opens the
-    /// assistant's turn.
+    /// assistant's turn. Errors (the template's own `raise_exception`, a syntax error, a
+    /// rendering that does not end within [`RENDER_FUEL`] instructions) are
+    /// [`RefaError::Config`] naming the template's [`origin`](Self::origin).
     pub fn render(&self, messages: &[ChatMessage], add_generation_prompt: bool) -> Result<String> {
-        let env = compiled(&self.source)?;
+        let env = compiled(&self.source).map_err(|e| self.error(&e))?;
         env.get_template(TEMPLATE_NAME)
             .and_then(|t| t.render(self.context(messages, add_generation_prompt)))
-            .map_err(|e| RefaError::config("chat_template", format!("{e:#}")))
+            .map_err(|e| self.error(&e))
+    }
+
+    /// `error` of this template as the crate reports it.
+    fn error(&self, error: &JinjaError) -> RefaError {
+        let message = match error.kind() {
+            ErrorKind::OutOfFuel => format!(
+                "the chat template did not finish rendering within {RENDER_FUEL} instructions \
+                 (a loop that never ends?): fix or replace the template ({error})"
+            ),
+            _ => format!("{error:#}"),
+        };
+        RefaError::config(&self.origin, message)
     }
 
     /// What the template sees, as transformers builds it: the special tokens, the keyword
@@ -168,10 +195,16 @@ impl JinjaTemplate {
 /// The name a template is compiled under (errors name it).
 const TEMPLATE_NAME: &str = "chat_template";
 
+/// The instructions one rendering may execute before it fails: a template that loops for
+/// ever stops (in about 0.4 s on a CPU core) instead of hanging. The Hub templates of
+/// tests/fixtures/chat_template/hub use 30 to 110 for a one-turn conversation and 4 600 to
+/// 13 300 for one of 100 turns; this bound is about a thousand times the latter.
+pub const RENDER_FUEL: u64 = 10_000_000;
+
 /// The environment holding `source` compiled, as transformers sets one up. Compiled once per
 /// source: the trainer renders every response of a data set with one template, and
 /// compiling took most of a render (0.2 ms for Llama 3.1's).
-fn compiled(source: &str) -> Result<Arc<minijinja::Environment<'static>>> {
+fn compiled(source: &str) -> std::result::Result<Arc<minijinja::Environment<'static>>, JinjaError> {
     static CACHE: Mutex<Vec<(String, Arc<minijinja::Environment<'static>>)>> =
         Mutex::new(Vec::new());
     let mut cache = CACHE.lock().unwrap_or_else(PoisonError::into_inner);
@@ -179,6 +212,7 @@ fn compiled(source: &str) -> Result<Arc<minijinja::Environment<'static>>> {
         return Ok(Arc::clone(env));
     }
     let mut env = minijinja::Environment::new();
+    env.set_fuel(Some(RENDER_FUEL));
     env.set_trim_blocks(true);
     env.set_lstrip_blocks(true);
     env.set_unknown_method_callback(python_methods);
@@ -195,8 +229,7 @@ fn compiled(source: &str) -> Result<Arc<minijinja::Environment<'static>>> {
             .map_or(0, |d| d.as_secs() as i64);
         strftime_utc(&format, now)
     });
-    env.add_template_owned(TEMPLATE_NAME, source.to_string())
-        .map_err(|e| RefaError::config("chat_template", format!("{e:#}")))?;
+    env.add_template_owned(TEMPLATE_NAME, source.to_string())?;
     let env = Arc::new(env);
     // A handful of templates at most are in use at once; the oldest goes first.
     if cache.len() >= 8 {
@@ -470,6 +503,17 @@ fn days_from_civil(year: i64, month: i64, day: i64) -> i64 {
     era * 146_097 + day_of_era - 719_468
 }
 
+/// The JSON of a `tokenizer_config.json`, a UTF-8 byte-order mark before it skipped (some
+/// editors write one); `None` when there is no such file.
+pub(crate) fn read_tokenizer_config(path: &Path) -> Result<Option<Value>> {
+    let Ok(text) = std::fs::read_to_string(path) else {
+        return Ok(None);
+    };
+    serde_json::from_str(text.trim_start_matches('\u{feff}'))
+        .map(Some)
+        .map_err(|e| RefaError::config(path, e))
+}
+
 /// `chat_template` of a `tokenizer_config.json`: a string, or the `default` of a list.
 fn template_of(config: &Value, path: &Path) -> Result<Option<String>> {
     match config.get("chat_template") {
@@ -561,12 +605,8 @@ mod tests {
         assert_eq!(parse_template_kwarg("n=3").unwrap().1, serde_json::json!(3));
         assert!(parse_template_kwarg("no value").is_err());
         assert!(parse_template_kwarg("bad name=1").is_err());
-        let template = JinjaTemplate {
-            source: "{{ x }}|{{ bos_token }}|{{ tools is none }}".into(),
-            bos_token: "<s>".into(),
-            eos_token: "</s>".into(),
-            kwargs: TemplateKwargs::new(),
-        };
+        let template =
+            JinjaTemplate::new("{{ x }}|{{ bos_token }}|{{ tools is none }}", "<s>", "</s>");
         let set = |name: &str| {
             template
                 .clone()
@@ -584,3 +624,4 @@ mod tests {
         );
     }
 }
+

@@ -51,7 +51,9 @@ pub use generate::{
     Completion, ContextClamp, GenerationOptions, SampleOptions, Samples, StopReason,
     GREEDY_BELOW_TEMPERATURE,
 };
-pub use jinja::{parse_template_kwarg, ChatMessage, JinjaTemplate, TemplateKwargs};
+pub use jinja::{
+    parse_template_kwarg, ChatMessage, JinjaTemplate, TemplateKwargs, RENDER_FUEL,
+};
 pub use lora::{LoraConfig, LoraTarget};
 pub use causal_lm::{ForwardOptions, CausalLm, Padding};
 pub use packed::{flash_attention_varlen, PackedBatch, PackedKernel, VarlenArgs};

@@ -6,7 +6,7 @@ use serde_json::Value;
 use tokenizers::Tokenizer;
 
 use crate::error::{RefaError, Result};
-use crate::model::jinja::{is_python_space, ChatMessage, JinjaTemplate};
+use crate::model::jinja::{is_python_space, read_tokenizer_config, ChatMessage, JinjaTemplate};
 
 /// How a conversation turn becomes text.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -115,10 +115,11 @@ const USER_PROBE: &str = "RefaProbeUserTurnText";
 const ANSWER_PROBE: &str = "RefaProbeAssistantTurnText";
 
 impl ChatTokenizer {
-    /// Loads `tokenizer.json`. Its pad token is the `pad_token` of the `tokenizer_config.json`
-    /// beside it when there is one, else that of the file's own padding settings, else none
-    /// ([`pad_id`](Self::pad_id) then falls back to the EOS id). The response end is `eos_id`
-    /// until a checkpoint's template says otherwise ([`with_jinja`](Self::with_jinja)).
+    /// Loads `tokenizer.json` (a UTF-8 byte-order mark before its JSON is skipped). Its pad
+    /// token is the `pad_token` of the `tokenizer_config.json` beside it when there is one,
+    /// else that of the file's own padding settings, else none ([`pad_id`](Self::pad_id)
+    /// then falls back to the model's or the EOS id). The response end is `eos_id` until a
+    /// checkpoint's template says otherwise ([`with_jinja`](Self::with_jinja)).
     pub fn from_file(
         path: impl AsRef<Path>,
         template: ChatTemplate,
@@ -126,7 +127,9 @@ impl ChatTokenizer {
         eos_id: i64,
     ) -> Result<Self> {
         let path = path.as_ref();
-        let tokenizer = Tokenizer::from_file(path).map_err(|e| RefaError::config(path, e))?;
+        let bytes = std::fs::read(path).map_err(|e| RefaError::io(path, &e))?;
+        let tokenizer = Tokenizer::from_bytes(bytes.strip_prefix(BOM).unwrap_or(&bytes))
+            .map_err(|e| RefaError::config(path, e))?;
         let mut chat = Self::new(tokenizer, template, bos_id, eos_id);
         if let Some(folder) = path.parent() {
             chat = chat.with_checkpoint_pad_token(folder)?;
@@ -137,7 +140,7 @@ impl ChatTokenizer {
     /// Parses the text of a `tokenizer.json` already in memory (e.g. one bundled with
     /// `include_str!`); its pad token is that of its padding settings, if any.
     pub fn from_json(json: &str, template: ChatTemplate, bos_id: i64, eos_id: i64) -> Result<Self> {
-        let tokenizer = Tokenizer::from_bytes(json.as_bytes())
+        let tokenizer = Tokenizer::from_bytes(json.trim_start_matches('\u{feff}').as_bytes())
             .map_err(|e| RefaError::config("tokenizer.json", e))?;
         Ok(Self::new(tokenizer, template, bos_id, eos_id))
     }
@@ -219,10 +222,9 @@ impl ChatTokenizer {
     /// pad id, when the file exists and names a token this tokenizer knows.
     fn with_checkpoint_pad_token(mut self, folder: &Path) -> Result<Self> {
         let path = folder.join("tokenizer_config.json");
-        let Ok(text) = std::fs::read_to_string(&path) else {
+        let Some(config) = read_tokenizer_config(&path)? else {
             return Ok(self);
         };
-        let config: Value = serde_json::from_str(&text).map_err(|e| RefaError::config(&path, e))?;
         let name = match config.get("pad_token") {
             Some(Value::String(name)) => Some(name.as_str()),
             Some(object) => object.get("content").and_then(Value::as_str),
@@ -304,11 +306,13 @@ impl ChatTokenizer {
     }
 
     /// The prompt as the template frames it, BOS first (with a checkpoint's template: the
-    /// user turn rendered with `add_generation_prompt`, as the template prints it).
+    /// user turn rendered with `add_generation_prompt`, as the template prints it). A
+    /// template that renders it as no tokens at all is refused, naming the template.
     pub fn encode_prompt(&self, prompt: &str) -> Result<Vec<i64>> {
         if let Some(jinja) = &self.jinja {
             let turn = [ChatMessage::new("user", prompt)];
-            return self.encode_text(&jinja.render(&turn, true)?);
+            let ids = self.encode_text(&jinja.render(&turn, true)?)?;
+            return check_prompt(jinja, ids);
         }
         let text = match self.template {
             ChatTemplate::MistralInstruct => format!("[INST] {} [/INST]", prompt),
@@ -411,7 +415,7 @@ impl ChatTokenizer {
         let mut turns = context.to_vec();
         turns.push(ChatMessage::new("user", prompt));
         let prompt_text = jinja.render(&turns, true)?;
-        let prompt_ids = self.encode_text(&prompt_text)?;
+        let prompt_ids = check_prompt(jinja, self.encode_text(&prompt_text)?)?;
         turns.push(ChatMessage::new("assistant", response));
         let full_text = jinja.render(&turns, false)?;
         let emitted = match full_text.strip_prefix(&prompt_text) {
@@ -426,7 +430,7 @@ impl ChatTokenizer {
                 .take_while(|(a, b)| a == b)
                 .count();
             return Err(RefaError::config(
-                "chat_template",
+                &jinja.origin,
                 format!(
                     "the prompt is not a token prefix of the conversation (they differ at token \
                      {at}): the answer's first tokens merge with the prompt's last ones, so \
@@ -435,20 +439,20 @@ impl ChatTokenizer {
             ));
         }
         let rest = &ids[prompt_ids.len()..];
-        let end = self.end_of_response(rest)?;
+        let end = self.end_of_response(jinja, rest)?;
         Ok((prompt_ids, rest[..=end].to_vec()))
     }
 
     /// The index in `rest` (the ids after the prompt) of the end-of-turn token that ends the
     /// response: the last one, after which only whitespace and special tokens (a template's
     /// closing EOS, as Phi-3 prints) may follow.
-    fn end_of_response(&self, rest: &[i64]) -> Result<usize> {
+    fn end_of_response(&self, jinja: &JinjaTemplate, rest: &[i64]) -> Result<usize> {
         let end = rest
             .iter()
             .rposition(|&id| id == self.end_of_turn_id)
             .ok_or_else(|| {
                 RefaError::config(
-                    "chat_template",
+                    &jinja.origin,
                     format!(
                         "the assistant turn does not end with the end-of-turn token (id {}): \
                          the template closes an assistant turn with no token of the tokenizer's \
@@ -459,7 +463,7 @@ impl ChatTokenizer {
             })?;
         if !self.decode(&rest[end + 1..])?.chars().all(is_python_space) {
             return Err(RefaError::config(
-                "chat_template",
+                &jinja.origin,
                 "text follows the assistant turn's end-of-turn token; the response cannot end \
                  with it",
             ));
@@ -482,7 +486,7 @@ impl ChatTokenizer {
     ) -> Result<String> {
         let refused = |why: &str| {
             RefaError::config(
-                "chat_template",
+                &jinja.origin,
                 format!(
                     "the prompt is not a token prefix of the conversation: the template renders \
                      the turns before the answer differently once an answer follows, and {why}, \
@@ -585,6 +589,23 @@ impl ChatTokenizer {
     pub fn template(&self) -> ChatTemplate {
         self.template
     }
+}
+
+/// The UTF-8 byte-order mark some editors write before a file's text.
+const BOM: &[u8] = b"\xEF\xBB\xBF";
+
+/// `ids`, the prompt as `jinja` rendered it, unless it has no token: a response would then be
+/// learned with nothing before it (and the prefix-sharing layout would attend to padding).
+fn check_prompt(jinja: &JinjaTemplate, ids: Vec<i64>) -> Result<Vec<i64>> {
+    if ids.is_empty() {
+        return Err(RefaError::config(
+            &jinja.origin,
+            "the chat template renders the user's turn with the generation prompt as no text \
+             at all, so a response would have no prompt: use a template that prints the \
+             user's turn, or a built-in one (--template mistral or zephyr)",
+        ));
+    }
+    Ok(ids)
 }
 
 /// `max_total >= 2` (a prompt token and a response token) and `max_prompt >= 1`: with less,
