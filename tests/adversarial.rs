@@ -6,66 +6,19 @@
 //! data readers.
 #![cfg(feature = "trainer")]
 
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::path::Path;
+use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
+mod common;
+
+use common::examples::{assert_refused, command, repo_file, run, succeeded, text};
+use common::models::{set_config_fields, tiny_model_folder};
 use proptest::prelude::*;
 use refa_loss::data::{parse_jsonl_bytes, DataFormat, ScoreField};
-use refa_loss::model::{CausalLm, ModelConfig, SaveOptions};
+use refa_loss::model::CausalLm;
 use refa_loss::train::TrainerState;
 use tch::{Device, Kind, Tensor};
-
-fn repo_file(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join(name)
-}
-
-/// An example binary of this build (`cargo test` builds the examples beside the tests).
-fn example(name: &str) -> PathBuf {
-    let exe = std::env::current_exe().expect("test binary path");
-    let profile = exe
-        .parent()
-        .and_then(Path::parent)
-        .expect("target/<profile>/deps");
-    let path = profile.join("examples").join(name);
-    assert!(
-        path.exists(),
-        "{} is missing: `cargo test --features trainer` builds the examples with the tests",
-        path.display()
-    );
-    path
-}
-
-fn command(name: &str, args: &[&str]) -> Command {
-    let mut command = Command::new(example(name));
-    command.args(args).stdin(Stdio::null());
-    command
-}
-
-fn run(name: &str, args: &[&str]) -> Output {
-    command(name, args).output().expect("example runs")
-}
-
-fn text(bytes: &[u8]) -> String {
-    String::from_utf8_lossy(bytes).into_owned()
-}
-
-/// The run stopped with exit status 1 and an error naming `culprit`, without a panic.
-fn assert_refused(output: &Output, culprit: &str, case: &str) {
-    let stderr = text(&output.stderr);
-    assert_eq!(
-        output.status.code(),
-        Some(1),
-        "{case}: expected a clean error, got {:?}\nstderr: {stderr}\nstdout: {}",
-        output.status,
-        text(&output.stdout)
-    );
-    assert!(!stderr.contains("panicked"), "{case}: panicked: {stderr}");
-    assert!(
-        stderr.contains(culprit),
-        "{case}: the error should name `{culprit}`: {stderr}"
-    );
-}
 
 fn train_args<'a>(dir: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
     let mut args = vec![
@@ -158,37 +111,6 @@ fn bad_trainer_flags_are_refused_before_the_first_step() {
     }
 }
 
-/// A model folder (config, weights, tokenizer) saved from the tiny config with `edit`
-/// applied to its config first.
-fn model_folder(parent: &Path, name: &str, edit: impl FnOnce(&mut ModelConfig)) -> PathBuf {
-    let text =
-        std::fs::read_to_string(repo_file("examples/data/tiny-config.json")).expect("config");
-    let mut config = ModelConfig::from_json(&text).expect("config");
-    edit(&mut config);
-    let folder = parent.join(name);
-    let model = CausalLm::new(config, Device::Cpu, Kind::Float, None).expect("model");
-    model.init_random(3);
-    model
-        .save_pretrained(&folder, SaveOptions::default())
-        .expect("save");
-    std::fs::copy(
-        repo_file("examples/data/tokenizer.json"),
-        folder.join("tokenizer.json"),
-    )
-    .expect("tokenizer");
-    folder
-}
-
-/// Rewrites `config.json` of `folder` with one field changed (bypassing the typed config,
-/// as a hand-edited file would).
-fn set_config_field(folder: &Path, field: &str, value: serde_json::Value) {
-    let path = folder.join("config.json");
-    let mut json: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&path).expect("config")).expect("json");
-    json[field] = value;
-    std::fs::write(&path, json.to_string()).expect("write config");
-}
-
 #[test]
 fn checkpoints_and_tokenizers_that_do_not_fit_the_model_are_refused() {
     let dir = tempfile::tempdir().expect("temp dir");
@@ -196,8 +118,8 @@ fn checkpoints_and_tokenizers_that_do_not_fit_the_model_are_refused() {
     let out = out.to_str().expect("utf-8");
 
     // An EOS id outside the vocabulary (it would also be the padding id).
-    let bad_eos = model_folder(dir.path(), "bad-eos", |_| {});
-    set_config_field(&bad_eos, "eos_token_id", serde_json::json!(9999));
+    let bad_eos = tiny_model_folder(dir.path(), "bad-eos", |_| {});
+    set_config_fields(&bad_eos, serde_json::json!({"eos_token_id": 9999}));
     let output = run(
         "train_mistral",
         &train_args(out, &["--model", bad_eos.to_str().unwrap()]),
@@ -205,7 +127,7 @@ fn checkpoints_and_tokenizers_that_do_not_fit_the_model_are_refused() {
     assert_refused(&output, "eos_token_id", "eos id outside the vocabulary");
 
     // A tokenizer larger than the model's vocabulary (512 tokens against 300 rows).
-    let small = model_folder(dir.path(), "small-vocab", |c| c.vocab_size = 300);
+    let small = tiny_model_folder(dir.path(), "small-vocab", |c| c.vocab_size = 300);
     let output = run(
         "train_mistral",
         &train_args(out, &["--model", small.to_str().unwrap()]),
@@ -231,7 +153,7 @@ fn checkpoints_and_tokenizers_that_do_not_fit_the_model_are_refused() {
     );
 
     // Integer bit patterns where float weights belong.
-    let ints = model_folder(dir.path(), "int-weights", |_| {});
+    let ints = tiny_model_folder(dir.path(), "int-weights", |_| {});
     let weights = ints.join("model.safetensors");
     let mut tensors = Tensor::read_safetensors(&weights).expect("read");
     for (name, tensor) in tensors.iter_mut() {
@@ -247,7 +169,7 @@ fn checkpoints_and_tokenizers_that_do_not_fit_the_model_are_refused() {
     assert_refused(&output, "model.norm.weight", "I32 weights");
 
     // max_position_embeddings below --max-tokens.
-    let short = model_folder(dir.path(), "short-context", |c| {
+    let short = tiny_model_folder(dir.path(), "short-context", |c| {
         c.max_position_embeddings = 64
     });
     let output = run(
@@ -270,7 +192,7 @@ fn checkpoints_and_tokenizers_that_do_not_fit_the_model_are_refused() {
 #[test]
 fn a_checkpoint_with_its_own_chat_template_trains_with_it() {
     let dir = tempfile::tempdir().expect("temp dir");
-    let model = model_folder(dir.path(), "hub-model", |_| {});
+    let model = tiny_model_folder(dir.path(), "hub-model", |_| {});
     std::fs::copy(
         repo_file("tests/fixtures/chat_template/mistral/tokenizer_config.json"),
         model.join("tokenizer_config.json"),
@@ -278,12 +200,10 @@ fn a_checkpoint_with_its_own_chat_template_trains_with_it() {
     .expect("template");
     let out = dir.path().join("run");
     let args = train_args(out.to_str().unwrap(), &["--model", model.to_str().unwrap()]);
-    let output = run("train_mistral", &args);
-    assert!(output.status.success(), "{}", text(&output.stderr));
+    let stdout = succeeded(&run("train_mistral", &args), "the checkpoint's template");
     assert!(
-        text(&output.stdout).contains("chat template: the checkpoint's own"),
-        "{}",
-        text(&output.stdout)
+        stdout.contains("chat template: the checkpoint's own"),
+        "{stdout}"
     );
     // A template whose generation prompt merges with the answer's first token under this
     // tokenizer cannot be split: refused, never trained on misaligned.
@@ -299,19 +219,17 @@ fn a_checkpoint_with_its_own_chat_template_trains_with_it() {
     );
     let mut builtin = args.clone();
     builtin.extend_from_slice(&["--template", "zephyr", "--overwrite-output-dir"]);
-    let output = run("train_mistral", &builtin);
-    assert!(output.status.success(), "{}", text(&output.stderr));
+    let stdout = succeeded(&run("train_mistral", &builtin), "--template zephyr");
     assert!(
-        text(&output.stdout).contains("chat template: built-in Zephyr"),
-        "{}",
-        text(&output.stdout)
+        stdout.contains("chat template: built-in Zephyr"),
+        "{stdout}"
     );
 }
 
 #[test]
 fn generate_and_the_ursla_probe_refuse_what_they_cannot_answer() {
     let dir = tempfile::tempdir().expect("temp dir");
-    let model = model_folder(dir.path(), "model", |_| {});
+    let model = tiny_model_folder(dir.path(), "model", |_| {});
     let model = model.to_str().unwrap();
     let out = dir.path().join("out.json");
     let out = out.to_str().unwrap();
@@ -395,8 +313,7 @@ fn runs_with_the_same_seed_are_identical_with_lora() {
         let out = dir.path().join(name);
         let out = out.to_str().unwrap();
         let lora = ["--lora-rank", "4", "--lora-dropout", "0.1", "--seed", "7"];
-        let output = run("train_mistral", &train_args(out, &lora));
-        assert!(output.status.success(), "{}", text(&output.stderr));
+        succeeded(&run("train_mistral", &train_args(out, &lora)), "LoRA run");
         let file = Path::new(out).join("checkpoint-2/adapters.safetensors");
         adapters.push(std::fs::read(&file).expect("adapters"));
     }
@@ -419,8 +336,8 @@ fn parquet_data_trains_and_damaged_parquet_is_refused_by_name() {
         "train_mistral",
         &train_args(out, &["--data", shards.to_str().unwrap()]),
     );
-    assert!(output.status.success(), "{}", text(&output.stderr));
-    assert!(text(&output.stdout).contains("data: 64 prompts read"));
+    let stdout = succeeded(&output, "parquet shards");
+    assert!(stdout.contains("data: 64 prompts read"), "{stdout}");
 
     let mut bytes = std::fs::read(shards.join("train-00000-of-00002.parquet")).expect("shard");
     let middle = bytes.len() / 2;
@@ -616,8 +533,7 @@ fn kills_during_saving_and_pruning_leave_every_visible_checkpoint_loadable() {
     let last = args.len() - 1;
     args[last] = &stop_at;
     args.extend_from_slice(&["--resume", "latest"]);
-    let output = run("train_mistral", &args);
-    assert!(output.status.success(), "{}", text(&output.stderr));
+    succeeded(&run("train_mistral", &args), "the resumed run");
     let log = std::fs::read_to_string(dir.path().join("metrics.jsonl")).expect("log");
     let mut steps: Vec<i64> = log
         .lines()
@@ -682,8 +598,10 @@ fn logged_steps(folder: &Path) -> (Vec<i64>, Vec<i64>) {
 fn a_fresh_run_in_a_finished_runs_folder_is_refused_or_starts_over() {
     let dir = tempfile::tempdir().expect("temp dir");
     let out = dir.path().to_str().unwrap();
-    let output = run("train_mistral", &["--output-dir", out, "--quiet"]);
-    assert!(output.status.success(), "{}", text(&output.stderr));
+    succeeded(
+        &run("train_mistral", &["--output-dir", out, "--quiet"]),
+        "the first run",
+    );
     let earlier = checkpoint_contents(dir.path());
     let steps: Vec<i64> = earlier.iter().map(|c| c.0).collect();
     assert_eq!(steps, [40, 60]);
@@ -718,8 +636,7 @@ fn a_fresh_run_in_a_finished_runs_folder_is_refused_or_starts_over() {
 
     let mut over = fresh.to_vec();
     over.push("--overwrite-output-dir");
-    let output = run("train_mistral", &over);
-    assert!(output.status.success(), "{}", text(&output.stderr));
+    succeeded(&run("train_mistral", &over), "--overwrite-output-dir");
     let now = checkpoint_contents(dir.path());
     let steps: Vec<i64> = now.iter().map(|c| c.0).collect();
     assert_eq!(steps, [20, 30], "only the new run's checkpoints");
@@ -797,49 +714,32 @@ fn a_second_trainer_on_a_folder_in_use_is_refused_and_the_lock_dies_with_its_hol
 fn resuming_on_other_data_is_refused_and_schedule_changes_are_reported() {
     let dir = tempfile::tempdir().expect("temp dir");
     let out = dir.path().to_str().unwrap();
-    let output = run("train_mistral", &train_args(out, &[]));
-    assert!(output.status.success(), "{}", text(&output.stderr));
+    succeeded(
+        &run("train_mistral", &train_args(out, &[])),
+        "the first run",
+    );
     let sample = std::fs::read_to_string(repo_file("examples/data/sample.jsonl")).expect("sample");
     let smaller: String = sample.lines().take(20).map(|l| format!("{l}\n")).collect();
     let path = dir.path().join("smaller.jsonl");
     std::fs::write(&path, smaller).expect("data");
-    let output = run(
-        "train_mistral",
-        &[
-            "--output-dir",
-            out,
-            "--quiet",
-            "--max-steps",
-            "4",
-            "--resume",
-            "latest",
-            "--data",
-            path.to_str().unwrap(),
-        ],
-    );
+    let resume = [
+        "--output-dir",
+        out,
+        "--quiet",
+        "--max-steps",
+        "4",
+        "--resume",
+        "latest",
+    ];
+    let mut other_data = resume.to_vec();
+    other_data.extend_from_slice(&["--data", path.to_str().unwrap()]);
     assert_refused(
-        &output,
+        &run("train_mistral", &other_data),
         "other training data",
         "resume on a smaller data file",
     );
-    let output = run(
-        "train_mistral",
-        &[
-            "--output-dir",
-            out,
-            "--quiet",
-            "--max-steps",
-            "4",
-            "--resume",
-            "latest",
-        ],
-    );
-    assert!(output.status.success(), "{}", text(&output.stderr));
-    assert!(
-        text(&output.stdout).contains("max_steps changes from 2 to 4"),
-        "{}",
-        text(&output.stdout)
-    );
+    let stdout = succeeded(&run("train_mistral", &resume), "resumed with more steps");
+    assert!(stdout.contains("max_steps changes from 2 to 4"), "{stdout}");
 }
 
 /// A DPO run in a folder that holds another run's `reference_logps.json` scores the
@@ -851,8 +751,10 @@ fn a_stale_reference_cache_is_rebuilt_not_reused() {
     let stale = serde_json::json!({ "fingerprint": "0000000000000000",
         "train": vec![vec![-1.0; 4]; 56], "eval": vec![vec![-50.0; 4]; 8] });
     std::fs::write(dir.path().join("reference_logps.json"), stale.to_string()).expect("stale");
-    let output = run("train_mistral", &train_args(out, &["--loss", "dpo"]));
-    assert!(output.status.success(), "{}", text(&output.stderr));
+    succeeded(
+        &run("train_mistral", &train_args(out, &["--loss", "dpo"])),
+        "DPO",
+    );
     let log = std::fs::read_to_string(dir.path().join("metrics.jsonl")).expect("log");
     let first: serde_json::Value =
         serde_json::from_str(log.lines().next().expect("line")).expect("json");
@@ -1009,15 +911,13 @@ fn the_eos_experiment_starts_over_in_its_folder_with_overwrite_output_dir() {
         "--output-dir",
         out.to_str().unwrap(),
     ];
-    let first = run("eos_length_experiment", &args);
-    assert!(first.status.success(), "{}", text(&first.stderr));
+    succeeded(&run("eos_length_experiment", &args), "the first run");
     assert_refused(
         &run("eos_length_experiment", &args),
         "--overwrite-output-dir",
         "a rerun into the same folder",
     );
     args.push("--overwrite-output-dir");
-    let again = run("eos_length_experiment", &args);
-    assert!(again.status.success(), "{}", text(&again.stderr));
-    assert!(text(&again.stdout).contains("| SFT only |"));
+    let stdout = succeeded(&run("eos_length_experiment", &args), "started over");
+    assert!(stdout.contains("| SFT only |"), "{stdout}");
 }

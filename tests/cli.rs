@@ -3,12 +3,15 @@
 //! and padding they take from the checkpoint's tokenizer and chat template; `--help`.
 #![cfg(feature = "trainer")]
 
-use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
 
+mod common;
+
 use clap::{CommandFactory, Parser};
+use common::examples::example_path;
+use common::models::hub_model_folder;
 use refa_loss::cli::{DataArgs, ModelArgs, TrainArgs};
-use refa_loss::model::{CausalLm, ChatTemplate, ChatTokenizer, ModelConfig, SaveOptions};
+use refa_loss::model::ModelConfig;
 use refa_loss::train::Trainer;
 use refa_loss::LossConfig;
 use serde_json::{json, Value};
@@ -32,54 +35,6 @@ fn parse(flags: &[&str]) -> Args {
     Args::try_parse_from(std::iter::once("train").chain(flags.iter().copied())).expect("flags")
 }
 
-fn repo_file(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join(name)
-}
-
-/// A model folder with the tokenizer and chat template of the Hub fixture `family`
-/// (tests/fixtures/chat_template/hub): the bundled tiny config over that tokenizer's
-/// vocabulary, random weights, and `fields` written into its config.json.
-fn hub_model(parent: &Path, family: &str, fields: Value) -> PathBuf {
-    let fixture = repo_file("tests/fixtures/chat_template/hub").join(family);
-    let vocab = ChatTokenizer::from_file(
-        fixture.join("tokenizer.json"),
-        ChatTemplate::MistralInstruct,
-        0,
-        0,
-    )
-    .expect("tokenizer")
-    .vocab_size();
-    let mut config = ModelConfig::from_json(refa_loss::cli::TINY_CONFIG).expect("config");
-    config.vocab_size = vocab;
-    let folder = parent.join(family);
-    let model = CausalLm::new(config, Device::Cpu, Kind::Float, None).expect("model");
-    model.init_random(5);
-    model
-        .save_pretrained(&folder, SaveOptions::default())
-        .expect("save");
-    for file in ["tokenizer.json", "tokenizer_config.json"] {
-        std::fs::copy(fixture.join(file), folder.join(file)).expect("copy");
-    }
-    let path = folder.join("config.json");
-    let mut json: Value =
-        serde_json::from_str(&std::fs::read_to_string(&path).expect("config")).expect("json");
-    for (key, value) in fields.as_object().expect("fields") {
-        json[key] = value.clone();
-    }
-    std::fs::write(&path, json.to_string()).expect("write config");
-    folder
-}
-
-/// An example binary of this build (`cargo test` builds the examples beside the tests).
-fn example(name: &str) -> PathBuf {
-    let exe = std::env::current_exe().expect("test binary path");
-    let profile = exe
-        .parent()
-        .and_then(Path::parent)
-        .expect("target/<profile>/deps");
-    profile.join("examples").join(name)
-}
-
 /// Gemma 2's template closes an assistant turn with `<end_of_turn>` (516), not the model's
 /// `<eos>` (513): the flags build a tokenizer, data and configuration in which responses
 /// end with 516, the scorer and the EOS regularizer read 516, batches pad with the
@@ -87,7 +42,7 @@ fn example(name: &str) -> PathBuf {
 #[test]
 fn a_template_that_ends_turns_with_another_token_trains_with_it() {
     let dir = tempfile::tempdir().expect("temp dir");
-    let model = hub_model(
+    let model = hub_model_folder(
         dir.path(),
         "gemma-2",
         json!({"bos_token_id": 514, "eos_token_id": 513}),
@@ -145,12 +100,9 @@ fn a_template_that_ends_turns_with_another_token_trains_with_it() {
 fn padding_comes_from_the_tokenizer_else_the_model_config() {
     let dir = tempfile::tempdir().expect("temp dir");
     let pad_of = |case: &str, family: &str, fields: Value| {
-        let folder = hub_model(&dir.path().join(case), family, fields);
+        let folder = hub_model_folder(&dir.path().join(case), family, fields);
         let args = parse(&["--model", folder.to_str().unwrap()]);
-        let config = ModelConfig::from_json(
-            &std::fs::read_to_string(folder.join("config.json")).expect("config"),
-        )
-        .expect("config");
+        let config = ModelConfig::from_file(folder.join("config.json")).expect("config");
         let tokenizer = args.model.load_tokenizer(&config).expect("tokenizer");
         let train = args.train.config(&tokenizer, 1e-3).expect("config");
         assert_eq!(train.pad_id, tokenizer.pad_id());
@@ -172,7 +124,7 @@ fn padding_comes_from_the_tokenizer_else_the_model_config() {
 #[test]
 fn template_kwargs_reach_the_checkpoint_template() {
     let dir = tempfile::tempdir().expect("temp dir");
-    let model = hub_model(dir.path(), "qwen3", json!({"eos_token_id": 702}));
+    let model = hub_model_folder(dir.path(), "qwen3", json!({"eos_token_id": 702}));
     let args = parse(&[
         "--model",
         model.to_str().unwrap(),
@@ -183,10 +135,7 @@ fn template_kwargs_reach_the_checkpoint_template() {
         args.model.tokenizer.template_kwargs,
         [("enable_thinking".to_string(), Value::Bool(false))]
     );
-    let config = ModelConfig::from_json(
-        &std::fs::read_to_string(model.join("config.json")).expect("config"),
-    )
-    .expect("config");
+    let config = ModelConfig::from_file(model.join("config.json")).expect("config");
     let tokenizer = args.model.load_tokenizer(&config).expect("tokenizer");
     let prompt = tokenizer.encode_prompt("Hi").expect("prompt");
     let text = tokenizer.decode(&prompt).expect("decode");
@@ -221,7 +170,7 @@ fn help_opens_with_the_programs_about() {
         ("on_policy", "On-policy rounds"),
     ];
     for (name, about) in examples {
-        let binary = example(name);
+        let binary = example_path(name);
         if !binary.exists() {
             eprintln!("skipped {name}: `cargo test --features trainer` builds the examples");
             continue;
@@ -235,5 +184,8 @@ fn help_opens_with_the_programs_about() {
         assert!(help.contains("--template-kwarg <NAME=VALUE>"), "{name}");
         assert!(!help.contains("Every field left `None`"), "{name}");
     }
-    assert!(help.contains("a JSONL file (or one JSON array of records)"), "{help}");
+    assert!(
+        help.contains("a JSONL file (or one JSON array of records)"),
+        "{help}"
+    );
 }

@@ -7,40 +7,20 @@
 //! two processes resumes on one.
 #![cfg(feature = "distributed")]
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+mod common;
+
+use common::examples::{example, repo_file, text};
 use refa_loss::train::TrainerState;
-
-fn repo_file(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join(name)
-}
-
-fn trainer_binary() -> PathBuf {
-    let exe = std::env::current_exe().expect("test binary path");
-    let profile = exe
-        .parent()
-        .and_then(Path::parent)
-        .expect("target/<profile>/deps");
-    let path = profile.join("examples/train_mistral");
-    assert!(
-        path.exists(),
-        "{} is missing: cargo test builds the examples",
-        path.display()
-    );
-    path
-}
 
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
         .expect("a free port")
-}
-
-fn text(bytes: &[u8]) -> String {
-    String::from_utf8_lossy(bytes).into_owned()
 }
 
 /// The flags of every run here: the bundled model and data, CPU, f32, no evaluations.
@@ -72,7 +52,7 @@ fn torchrun(args: &[String], restarts: u32) -> Command {
         .args(["--no-python", "--nproc_per_node", "2", "--max-restarts"])
         .arg(restarts.to_string())
         .args(["--master_port", &free_port().to_string()])
-        .arg(trainer_binary())
+        .arg(example("train_mistral"))
         .args(args)
         .stdin(Stdio::null());
     command
@@ -91,7 +71,7 @@ fn succeed(mut command: Command, what: &str) -> Output {
 }
 
 fn single(args: &[String]) -> Command {
-    let mut command = Command::new(trainer_binary());
+    let mut command = Command::new(example("train_mistral"));
     command.args(args).stdin(Stdio::null());
     command
 }
@@ -207,7 +187,7 @@ fn two_processes_train_as_one_with_twice_the_prompts() {
 
 /// Rank `rank` of a job of two started by hand (the variables torchrun sets).
 fn rank(rank: usize, port: u16, args: &[String]) -> Child {
-    Command::new(trainer_binary())
+    Command::new(example("train_mistral"))
         .args(args)
         .env("RANK", rank.to_string())
         .env("LOCAL_RANK", rank.to_string())

@@ -6,8 +6,8 @@
 use std::path::{Path, PathBuf};
 
 use refa_loss::model::{
-    ChatTemplate, ChatTokenizer, CheckpointReader, ForwardOptions, LoraConfig, LoraTarget, CausalLm,
-    ModelConfig, Padding, SaveOptions,
+    CausalLm, ChatTemplate, ChatTokenizer, CheckpointReader, ForwardOptions, LoraConfig,
+    LoraTarget, ModelConfig, Padding, SaveOptions,
 };
 use refa_loss::RefaError;
 use tch::{Device, Kind, Tensor};
@@ -569,46 +569,19 @@ fn right_padded_attention_without_a_mask_equals_the_masked_path() {
             (Kind::Float, Device::Cpu),
         ) * mask.unsqueeze(-1).to_kind(Kind::Float);
         let run = |padding: Padding| {
-            for t in model.var_store().trainable_variables() {
-                let mut g = t.grad();
-                if g.defined() {
-                    let _ = g.zero_();
-                }
-            }
             let options = ForwardOptions {
                 train: true,
                 recompute: false,
                 padding,
             };
             let pass = model.forward_pass(&ids, &mask, &options).expect("forward");
-            (&pass.hidden * &probe).sum(Kind::Float).backward();
+            let grads = probe_gradients(&model, &pass.hidden, &probe);
             let hidden = pass.hidden.detach() * mask.unsqueeze(-1).to_kind(Kind::Float);
-            let mut grads: Vec<(String, Tensor)> = model
-                .var_store()
-                .variables()
-                .into_iter()
-                .filter(|(_, t)| t.grad().defined()) // the LM head takes no part
-                .map(|(n, t)| (n, t.grad().copy()))
-                .collect();
-            grads.sort_by(|a, b| a.0.cmp(&b.0));
             (hidden, grads)
         };
-        let (masked, masked_grads) = run(Padding::Any);
-        let (fast, fast_grads) = run(Padding::Right);
-        assert!(masked_grads.len() > 10 && masked_grads.len() == fast_grads.len());
-        let worst = (&masked - &fast).abs().max().double_value(&[]);
-        assert!(
-            worst < 1e-6,
-            "window {window:?}: hidden states differ by {worst:e}"
-        );
-        for ((name, a), (_, b)) in masked_grads.iter().zip(&fast_grads) {
-            let scale = a.abs().max().double_value(&[]).max(1.0);
-            let worst = (a - b).abs().max().double_value(&[]) / scale;
-            assert!(
-                worst < 1e-6,
-                "window {window:?}, {name}: gradients differ by {worst:e}"
-            );
-        }
+        let (masked, fast) = (run(Padding::Any), run(Padding::Right));
+        assert!(masked.1.len() > 10);
+        assert_same_pass(&format!("window {window:?}"), &masked, &fast, 1e-6);
     }
 }
 
@@ -688,25 +661,10 @@ fn prefix_sharing_equals_the_plain_pass_in_values_and_gradients() {
             (Kind::Float, Device::Cpu),
         ) * Tensor::from_slice(&read).view([rows as i64, 1 + response_width as i64, 1]);
         let gradients = |hidden: Tensor| {
-            for t in model.var_store().trainable_variables() {
-                let mut g = t.grad();
-                if g.defined() {
-                    let _ = g.zero_();
-                }
-            }
-            (&hidden * &probe).sum(Kind::Float).backward();
-            let mut grads: Vec<(String, Tensor)> = model
-                .var_store()
-                .variables()
-                .into_iter()
-                .filter(|(_, t)| t.grad().defined())
-                .map(|(n, t)| (n, t.grad().copy()))
-                .collect();
-            grads.sort_by(|a, b| a.0.cmp(&b.0));
+            let grads = probe_gradients(&model, &hidden, &probe);
             ((hidden * &probe.ne(0.0)).detach(), grads)
         };
-        let (shared, shared_grads) =
-            gradients(model.forward_shared_prefix(&batch, false).expect("shared"));
+        let shared = gradients(model.forward_shared_prefix(&batch, false).expect("shared"));
         let plain = model
             .forward_pass(
                 &grid(&f_ids, full_width, rows),
@@ -718,21 +676,57 @@ fn prefix_sharing_equals_the_plain_pass_in_values_and_gradients() {
         let index = Tensor::from_slice(&plain_index)
             .view([rows as i64, 1 + response_width as i64, 1])
             .expand([rows as i64, 1 + response_width as i64, hidden_size], false);
-        let (plain, plain_grads) = gradients(plain.gather(1, &index, false));
-        let worst = (&shared - &plain).abs().max().double_value(&[]);
-        assert!(
-            worst < 1e-5,
-            "window {window:?}: hidden states differ by {worst:e}"
-        );
-        assert_eq!(shared_grads.len(), plain_grads.len());
-        for ((name, a), (_, b)) in shared_grads.iter().zip(&plain_grads) {
-            let scale = b.abs().max().double_value(&[]).max(1.0);
-            let worst = (a - b).abs().max().double_value(&[]) / scale;
-            assert!(
-                worst < 1e-5,
-                "window {window:?}, {name}: gradients differ by {worst:e}"
-            );
+        let plain = gradients(plain.gather(1, &index, false));
+        assert_same_pass(&format!("window {window:?}"), &shared, &plain, 1e-5);
+    }
+}
+
+/// The gradient of `Σ hidden · probe` with respect to every weight that takes part in it
+/// (the LM head does not), by name; earlier gradients are zeroed first.
+fn probe_gradients(model: &CausalLm, hidden: &Tensor, probe: &Tensor) -> Vec<(String, Tensor)> {
+    for t in model.var_store().trainable_variables() {
+        let mut g = t.grad();
+        if g.defined() {
+            let _ = g.zero_();
         }
+    }
+    (hidden * probe).sum(Kind::Float).backward();
+    let mut grads: Vec<(String, Tensor)> = model
+        .var_store()
+        .variables()
+        .into_iter()
+        .filter(|(_, t)| t.grad().defined())
+        .map(|(n, t)| (n, t.grad().copy()))
+        .collect();
+    grads.sort_by(|a, b| a.0.cmp(&b.0));
+    grads
+}
+
+/// Two passes agree within `tolerance`: their hidden states absolutely, every weight's
+/// gradient relative to its largest magnitude (at least 1).
+fn assert_same_pass(
+    what: &str,
+    (a, a_grads): &(Tensor, Vec<(String, Tensor)>),
+    (b, b_grads): &(Tensor, Vec<(String, Tensor)>),
+    tolerance: f64,
+) {
+    let worst = (a - b).abs().max().double_value(&[]);
+    assert!(
+        worst < tolerance,
+        "{what}: hidden states differ by {worst:e}"
+    );
+    assert_eq!(
+        a_grads.len(),
+        b_grads.len(),
+        "{what}: weights with gradients"
+    );
+    for ((name, a), (_, b)) in a_grads.iter().zip(b_grads) {
+        let scale = b.abs().max().double_value(&[]).max(1.0);
+        let worst = (a - b).abs().max().double_value(&[]) / scale;
+        assert!(
+            worst < tolerance,
+            "{what}, {name}: gradients differ by {worst:e}"
+        );
     }
 }
 

@@ -47,12 +47,7 @@ fn fused_adamw_matches_the_reference_over_ten_steps() {
                     .set_requires_grad(true)
             })
             .collect();
-        let named = params
-            .iter()
-            .enumerate()
-            .map(|(i, p)| (format!("p{i}"), p.shallow_clone()))
-            .collect();
-        let mut adamw = AdamW::new(named);
+        let mut adamw = adamw_over(&params, "p");
         adamw.weight_decay = 0.05;
         let mut references: Vec<Reference> = params
             .iter()
@@ -122,12 +117,7 @@ fn one_step_equals_tch_adamw() {
         .iter()
         .map(|t| t.detach().copy().set_requires_grad(true))
         .collect();
-    let named = ours
-        .iter()
-        .enumerate()
-        .map(|(i, p)| (format!("w{i}"), p.shallow_clone()))
-        .collect();
-    let mut adamw = AdamW::new(named);
+    let mut adamw = adamw_over(&ours, "w");
     adamw.weight_decay = 0.1;
     let other_store = tch::nn::VarStore::new(Device::Cpu);
     let other_root = other_store.root();
@@ -184,12 +174,7 @@ fn clipping_equals_the_plain_norm_and_scale() {
         .iter()
         .map(|s| Tensor::zeros(*s, (Kind::Float, Device::Cpu)).set_requires_grad(true))
         .collect();
-    let named = params
-        .iter()
-        .enumerate()
-        .map(|(i, p)| (format!("p{i}"), p.shallow_clone()))
-        .collect();
-    let adamw = AdamW::new(named);
+    let adamw = adamw_over(&params, "p");
     for max_norm in [0.0, 0.5, 1e6] {
         let grads: Vec<Vec<f64>> = params
             .iter()
@@ -302,4 +287,14 @@ fn a_non_finite_norm_skips_the_step_on_the_device() {
         values(&q),
         "the same second step as a clean run"
     );
+}
+
+/// AdamW over `params`, named `{prefix}0`, `{prefix}1`, … in order.
+fn adamw_over(params: &[Tensor], prefix: &str) -> AdamW {
+    let named = params
+        .iter()
+        .enumerate()
+        .map(|(i, p)| (format!("{prefix}{i}"), p.shallow_clone()))
+        .collect();
+    AdamW::new(named)
 }

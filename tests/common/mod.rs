@@ -1,6 +1,10 @@
-//! Shared test helpers: random batches, their tensor and reference forms, and loss lists.
+//! Shared test helpers: random batches, their tensor and reference forms, and loss lists;
+//! the example binaries (`examples`) and model folders (`models`) the end-to-end tests use.
 #![allow(dead_code)]
 
+pub mod examples;
+#[cfg(feature = "model")]
+pub mod models;
 pub mod reference;
 
 use rand::{Rng, SeedableRng};
