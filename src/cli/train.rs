@@ -281,8 +281,8 @@ impl JobArgs {
         self.dist_timeout.unwrap_or(600)
     }
 
-    /// A trainer ([`Trainer::new`]), or one rank of `job` ([`Trainer::new_distributed`]
-    /// over NCCL for a CUDA model, Gloo otherwise).
+    /// A trainer ([`Trainer::new`]), or one rank of `job` (`Trainer::new_distributed`,
+    /// feature `distributed`: over NCCL for a CUDA model, Gloo otherwise).
     pub fn trainer(
         &self,
         job: Option<&JobEnv>,
